@@ -1,0 +1,1 @@
+"""aflow: workflows, operators, benchmarks and search. Imports neither verl nor ray."""

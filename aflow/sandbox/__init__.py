@@ -1,0 +1,219 @@
+"""Run untrusted code (workflow graphs, Programmer snippets, benchmark tests) in a child process.
+
+The trusted side lives here: it spawns `child.py` with a scrubbed environment in a fresh
+temporary directory, enforces the wall-clock limit by killing the whole process group,
+caps what it reads back, and serves operator calls made by a sandboxed workflow, so the
+untrusted process never holds an API key or a socket. `child.py` confines itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+CHILD = Path(__file__).with_name("child.py")
+PIDS_CGROUP = Path("/sys/fs/cgroup/pids/aflow-sandbox")
+
+OperatorHandler = Callable[[str, dict], Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-execution resource limits. Defaults suit one code snippet or test run."""
+
+    wall_seconds: float = 20.0
+    cpu_seconds: int = 15
+    memory_mb: int = 1024
+    file_size_mb: int = 16
+    max_processes: int = 32
+    max_message_bytes: int = 8 << 20
+    namespaces: bool = True
+
+
+CODE_LIMITS = Limits()
+WORKFLOW_LIMITS = Limits(wall_seconds=600.0, cpu_seconds=60)
+
+
+@dataclass
+class SandboxResult:
+    ok: bool
+    value: Any = None
+    error: str | None = None
+    output: str = ""
+    seconds: float = 0.0
+    isolation: list[str] = field(default_factory=list)
+
+
+def child_environment(workdir: str) -> dict[str, str]:
+    """Only what Python needs: no keys, no proxies, no PYTHON* variables."""
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "LANG": "C.UTF-8",
+        "PYTHONHASHSEED": "0",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+
+
+async def run_job(job: dict, limits: Limits, on_call: OperatorHandler | None = None) -> SandboxResult:
+    """Run one job (see child.py for the protocol) and return what it reported."""
+    started = time.monotonic()
+    workdir = tempfile.mkdtemp(prefix="aflow-sbx-")
+    job = {**job, "limits": asdict(limits)}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-I", "-B", str(CHILD),
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        cwd=workdir,
+        env=child_environment(workdir),
+        start_new_session=True,
+        limit=limits.max_message_bytes,
+    )
+    try:
+        result = await asyncio.wait_for(_converse(process, job, on_call), timeout=limits.wall_seconds)
+    except asyncio.TimeoutError:
+        result = SandboxResult(ok=False, error=f"timed out after {limits.wall_seconds:g}s (wall clock)")
+    finally:
+        _kill_group(process.pid)
+        await _reap(process)
+        result_output = _read_head(Path(workdir) / "output.log", 4096)
+        shutil.rmtree(workdir, ignore_errors=True)
+        _remove_cgroup(process.pid)
+    result.output = result_output
+    result.seconds = time.monotonic() - started
+    return result
+
+
+async def _converse(process: asyncio.subprocess.Process, job: dict, on_call: OperatorHandler | None) -> SandboxResult:
+    assert process.stdin and process.stdout
+    write_lock = asyncio.Lock()
+
+    async def send(message: dict) -> None:
+        async with write_lock:
+            process.stdin.write((json.dumps(message, default=str) + "\n").encode())
+            try:
+                await process.stdin.drain()
+            except (BrokenPipeError, ConnectionResetError):
+                pass
+
+    async def serve(message: dict) -> None:
+        try:
+            if on_call is None:
+                raise RuntimeError("no operators are available to this job")
+            value = await on_call(str(message.get("op")), dict(message.get("kwargs") or {}))
+            reply = {"type": "reply", "id": message.get("id"), "ok": True, "value": value}
+        except Exception as exc:  # an operator failure is reported to the workflow, which may handle it
+            reply = {"type": "reply", "id": message.get("id"), "ok": False, "error": f"{type(exc).__name__}: {exc}"}
+        await send(reply)
+
+    await send(job)
+    tasks: set[asyncio.Task] = set()
+    try:
+        while True:
+            try:
+                line = await process.stdout.readline()
+            except (ValueError, asyncio.LimitOverrunError):
+                return SandboxResult(ok=False, error="the sandboxed code sent a message over the size limit")
+            if not line:
+                code = await process.wait()
+                return SandboxResult(ok=False, error=_exit_reason(code))
+            try:
+                message = json.loads(line)
+            except ValueError:
+                return SandboxResult(ok=False, error="the sandboxed code wrote garbage on the result channel")
+            kind = message.get("type") if isinstance(message, dict) else None
+            if kind == "call":
+                task = asyncio.create_task(serve(message))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            elif kind == "done":
+                return SandboxResult(
+                    ok=bool(message.get("ok")),
+                    value=message.get("value"),
+                    error=message.get("error"),
+                    isolation=list(message.get("isolation") or []),
+                )
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _exit_reason(code: int | None) -> str:
+    if code is None:
+        return "the sandboxed process ended without a result"
+    signals = {signal.SIGKILL: "killed (memory or process limit)", signal.SIGXCPU: "CPU time limit exceeded",
+               signal.SIGXFSZ: "file size limit exceeded", signal.SIGSEGV: "crashed (segmentation fault)"}
+    number = -code if code < 0 else code - 128 if code > 128 else 0
+    if number:
+        try:
+            return f"the sandboxed process was {signals.get(signal.Signals(number), signal.Signals(number).name)}"
+        except ValueError:
+            pass
+    return f"the sandboxed process exited (status {code}) without a result"
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+async def _reap(process: asyncio.subprocess.Process) -> None:
+    try:
+        await asyncio.wait_for(process.wait(), timeout=5)
+    except asyncio.TimeoutError:
+        pass
+
+
+def _remove_cgroup(pid: int) -> None:
+    path = PIDS_CGROUP / str(pid)
+    if path.exists():
+        for _ in range(50):
+            try:
+                path.rmdir()
+                return
+            except OSError:
+                time.sleep(0.01)
+
+
+def _read_head(path: Path, limit: int) -> str:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+async def run_code(code: str, entry: str | None = None, limits: Limits = CODE_LIMITS) -> SandboxResult:
+    """Execute `code`; when `entry` names a function, call it and return its result as text."""
+    return await run_job({"mode": "code", "code": code, "entry": entry}, limits)
+
+
+async def run_workflow(
+    graph: str,
+    prompt: str,
+    inputs: dict,
+    on_call: OperatorHandler,
+    operators: list[str],
+    fmt: str = "native",
+    dataset: str = "",
+    limits: Limits = WORKFLOW_LIMITS,
+) -> SandboxResult:
+    """Run a workflow's `Workflow(...)(problem, **extras)`; its operator calls go to `on_call`."""
+    job = {"mode": "workflow", "graph": graph, "prompt": prompt, "inputs": inputs,
+           "operators": operators, "format": fmt, "dataset": dataset}
+    return await run_job(job, limits, on_call)

@@ -1,0 +1,1 @@
+NOTE = "The gold workflow has no prompts."
