@@ -11,8 +11,8 @@ from __future__ import annotations
 import inspect
 import random
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Awaitable, Callable
 
 from aflow import parsing
 from aflow.llm import LLMClient, Usage

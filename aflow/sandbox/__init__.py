@@ -16,9 +16,10 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 CHILD = Path(__file__).with_name("child.py")
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids/aflow-sandbox")
@@ -76,12 +77,13 @@ async def run_job(job: dict, limits: Limits, on_call: OperatorHandler | None = N
         sys.executable, "-I", "-B", str(CHILD),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,  # only the trusted start-up writes here; the job's goes to a file
         cwd=workdir,
         env=child_environment(workdir),
         start_new_session=True,
         limit=limits.max_message_bytes,
     )
+    result = SandboxResult(ok=False, error="the sandboxed process ended without a result")
     try:
         result = await asyncio.wait_for(_converse(process, job, on_call), timeout=limits.wall_seconds)
     except asyncio.TimeoutError:
@@ -89,6 +91,8 @@ async def run_job(job: dict, limits: Limits, on_call: OperatorHandler | None = N
     finally:
         _kill_group(process.pid)
         await _reap(process)
+        if not result.ok and "without a result" in (result.error or ""):
+            result.error += _last_line(await _read_stream(process.stderr, 8192))
         result_output = _read_head(Path(workdir) / "output.log", 4096)
         shutil.rmtree(workdir, ignore_errors=True)
         _remove_cgroup(process.pid)
@@ -154,7 +158,7 @@ async def _converse(process: asyncio.subprocess.Process, job: dict, on_call: Ope
 def _exit_reason(code: int | None) -> str:
     if code is None:
         return "the sandboxed process ended without a result"
-    signals = {signal.SIGKILL: "killed (memory or process limit)", signal.SIGXCPU: "CPU time limit exceeded",
+    signals = {signal.SIGKILL: "killed (a memory, CPU or process limit)", signal.SIGXCPU: "CPU time limit exceeded",
                signal.SIGXFSZ: "file size limit exceeded", signal.SIGSEGV: "crashed (segmentation fault)"}
     number = -code if code < 0 else code - 128 if code > 128 else 0
     if number:
@@ -163,6 +167,20 @@ def _exit_reason(code: int | None) -> str:
         except ValueError:
             pass
     return f"the sandboxed process exited (status {code}) without a result"
+
+
+async def _read_stream(stream: asyncio.StreamReader | None, limit: int) -> str:
+    if stream is None:
+        return ""
+    try:
+        return (await asyncio.wait_for(stream.read(limit), timeout=2)).decode("utf-8", "replace")
+    except (asyncio.TimeoutError, OSError):
+        return ""
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return f": {lines[-1][:300]}" if lines else ""
 
 
 def _kill_group(pid: int) -> None:

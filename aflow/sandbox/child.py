@@ -149,13 +149,14 @@ def drop_privileges(layers):
 
 
 def set_rlimits(limits, own_processes, layers):
-    def cap(which, value):
+    def cap(which, value, hard=None):
         try:
-            resource.setrlimit(which, (value, value))
+            resource.setrlimit(which, (value, value if hard is None else hard))
         except (ValueError, OSError):
             pass
 
-    cap(resource.RLIMIT_CPU, int(limits["cpu_seconds"]))
+    # Soft below hard: SIGXCPU (reported as the CPU limit) comes before the SIGKILL.
+    cap(resource.RLIMIT_CPU, int(limits["cpu_seconds"]), int(limits["cpu_seconds"]) + 1)
     cap(resource.RLIMIT_AS, int(limits["memory_mb"]) << 20)
     cap(resource.RLIMIT_FSIZE, int(limits["file_size_mb"]) << 20)
     cap(resource.RLIMIT_NOFILE, 64)
@@ -238,7 +239,7 @@ def redirect_output(workdir):
     log = os.open(os.path.join(workdir, "output.log"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.dup2(log, 1)
     os.dup2(log, 2)
-    sys.stdin = open(0, "r", closefd=False)
+    sys.stdin = open(0, closefd=False)
     sys.stdout = open(1, "w", buffering=1, closefd=False)
     sys.stderr = open(2, "w", buffering=1, closefd=False)
 
@@ -395,6 +396,12 @@ def confine(job, layers):
             layers.append("private-proc")
     drop_privileges(layers)
     set_rlimits(limits, own_processes, layers)
+    # As a namespace's init this process ignores signals it has no handler for.
+    signal.signal(signal.SIGXCPU, _cpu_exceeded)
+
+
+def _cpu_exceeded(_signum, _frame):
+    raise TimeoutError("CPU time limit exceeded")
 
 
 def main():

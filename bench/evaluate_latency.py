@@ -1,0 +1,137 @@
+"""How close does `aflow evaluate` get to the latency bound, and what does a sandboxed run cost?
+
+    python -m bench.evaluate_latency [--latency 1.0] [--n 128] [--concurrency 32] [--data-dir DIR]
+
+Part 1 starts the fake OpenAI server (tests/fake_openai.py) answering every call after a
+fixed latency L and runs ``aflow evaluate --workflow builtin:io --no-cache`` on gsm8k/test
+against it. With C calls in flight, no run can beat ``calls * L / C``; the ratio of the
+run's own wall time (summary wall_s) to that bound is the overhead of everything else
+(sandbox processes, scheduling, the client). Target: <= 1.10 at C = 32.
+
+Part 2 times ``aflow.sandbox.run_code`` on a trivial function: K sequential runs (mean,
+p50, p95 in ms), then K runs with 8 at a time (throughput per second).
+
+Output is one ``name: value`` per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from aflow.config import LLMConfig
+from tests.fake_openai import FakeOpenAI
+
+REPO = Path(__file__).resolve().parents[1]
+SNIPPET = "def solve():\n    return 1"
+
+
+def default_data_dir() -> str:
+    return os.environ.get("AFLOW_DATA_DIR") or str(REPO.parent / "shared" / "data" / "aflow")
+
+
+def emit(name: str, value) -> None:
+    if isinstance(value, float):
+        value = f"{value:.4f}" if abs(value) < 10 else f"{value:.2f}"
+    print(f"{name}: {value}", flush=True)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def evaluate_against_fake(latency: float, n: int, concurrency: int, data_dir: str, timeout: float) -> int:
+    with FakeOpenAI(latency=latency, reply=lambda messages: "The answer is 42") as fake:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AFLOW_")}
+        command = [sys.executable, "-m", "aflow.cli", "evaluate", "--benchmark", "gsm8k", "--split", "test",
+                   "--limit", str(n), "--concurrency", str(concurrency), "--workflow", "builtin:io", "--no-cache",
+                   "--data-dir", data_dir, "--executor-base-url", fake.base_url, "--executor-model", "fake-model",
+                   "--json"]
+        started = time.monotonic()
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
+        process_wall = time.monotonic() - started
+        requests, max_in_flight = fake.count, fake.max_in_flight
+    if result.returncode != 0:
+        print(f"aflow evaluate failed (exit {result.returncode}): {result.stderr.strip()[-500:]}", file=sys.stderr)
+        return result.returncode or 1
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    calls = summary["calls"]
+    # the client's own bound (LLMConfig.max_concurrency, not settable from the CLI) caps C too
+    effective = min(concurrency, LLMConfig().max_concurrency)
+    bound = calls * latency / effective
+    emit("latency_s", latency)
+    emit("problems", summary["n"])
+    emit("concurrency", concurrency)
+    emit("effective_concurrency", effective)
+    emit("errors", summary["errors"])
+    emit("calls", calls)
+    emit("server_requests", requests)
+    emit("server_max_in_flight", max_in_flight)
+    emit("wall_s", float(summary["wall_s"]))
+    emit("process_wall_s", process_wall)
+    emit("bound_s", bound)
+    emit("ratio_wall_to_bound", summary["wall_s"] / bound if bound else float("nan"))
+    emit("ratio_process_wall_to_bound", process_wall / bound if bound else float("nan"))
+    return 0
+
+
+async def sandbox_overhead(k: int, parallel: int) -> None:
+    from aflow.sandbox import run_code
+
+    await run_code(SNIPPET, "solve")  # warm the page cache; not counted
+    times = []
+    for _ in range(k):
+        started = time.perf_counter()
+        result = await run_code(SNIPPET, "solve")
+        times.append((time.perf_counter() - started) * 1000)
+        if not result.ok or str(result.value) != "1":
+            raise SystemExit(f"the sandbox did not return 1: {result.error or result.value!r}")
+    emit("sandbox_runs", k)
+    emit("sandbox_mean_ms", statistics.fmean(times))
+    emit("sandbox_p50_ms", percentile(times, 50))
+    emit("sandbox_p95_ms", percentile(times, 95))
+
+    semaphore = asyncio.Semaphore(parallel)
+
+    async def one() -> bool:
+        async with semaphore:
+            return (await run_code(SNIPPET, "solve")).ok
+
+    started = time.perf_counter()
+    results = await asyncio.gather(*(one() for _ in range(k)))
+    elapsed = time.perf_counter() - started
+    if not all(results):
+        raise SystemExit(f"{results.count(False)} of {k} concurrent sandbox runs failed")
+    emit("sandbox_concurrency", parallel)
+    emit("sandbox_concurrent_wall_s", elapsed)
+    emit("sandbox_throughput_per_s", k / elapsed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--latency", type=float, default=1.0, help="seconds per executor call (L)")
+    parser.add_argument("--n", type=int, default=128, help="problems (N)")
+    parser.add_argument("--concurrency", type=int, default=32, help="problems in flight (C)")
+    parser.add_argument("--data-dir", default=default_data_dir())
+    parser.add_argument("--sandbox-runs", type=int, default=50, help="K")
+    parser.add_argument("--sandbox-concurrency", type=int, default=8)
+    parser.add_argument("--timeout", type=float, default=600.0, help="give up on the evaluate run after this long")
+    args = parser.parse_args(argv)
+    status = evaluate_against_fake(args.latency, args.n, args.concurrency, args.data_dir, args.timeout)
+    if status:
+        return status
+    asyncio.run(sandbox_overhead(args.sandbox_runs, args.sandbox_concurrency))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Shared fixtures. Benchmark data comes from --data-dir or $AFLOW_DATA_DIR (never from the repo)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.fake_openai import FakeOpenAI
+
+
+def pytest_addoption(parser):
+    parser.addoption("--data-dir", default=None, help="AFlow JSONL directory (default: $AFLOW_DATA_DIR)")
+
+
+@pytest.fixture(scope="session")
+def data_dir(request) -> Path:
+    value = request.config.getoption("--data-dir") or os.environ.get("AFLOW_DATA_DIR")
+    if not value or not Path(value).is_dir():
+        pytest.skip("no benchmark data: pass --data-dir or set AFLOW_DATA_DIR")
+    return Path(value)
+
+
+@pytest.fixture
+def fake_openai():
+    """A started local OpenAI-compatible server (see tests/fake_openai.py); reconfigure it
+    through its attributes and `add_faults`. Stopped, threads joined, after the test."""
+    with FakeOpenAI() as server:
+        yield server

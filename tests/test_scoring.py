@@ -1,0 +1,69 @@
+import asyncio
+
+import pytest
+
+from aflow.benchmarks import Problem, get_benchmark, scoring
+
+
+@pytest.mark.parametrize("output,expected,score", [
+    ("so the total is 65,960 signatures", "65,960", 1.0),
+    ("The answer is 36.", "36", 1.0),
+    ("36.01", "36", 0.0),
+    ("36.0000001", "36", 1.0),
+    ("first 12, then 7", "12", 0.0),
+    ("no number at all", "3", 0.0),
+    ("-4", "-4", 1.0),
+])
+def test_gsm8k_last_number(output, expected, score):
+    assert scoring.number_score(output, expected) == score
+
+
+@pytest.mark.parametrize("output,solution,score", [
+    ("thus \\boxed{\\frac{1}{2}}", "... \\boxed{\\dfrac{1}{2}}", 1.0),
+    ("the value is \\boxed{0.5}", "\\boxed{\\frac12}", 1.0),
+    ("\\boxed{2\\sqrt{2}}", "\\boxed{\\sqrt{8}}", 1.0),
+    ("\\boxed{3}", "\\boxed{4}", 0.0),
+    ("\\boxed{x^2+2x+1}", "\\boxed{(x+1)^2}", 1.0),
+    ("nothing boxed, answer 7", "\\boxed{8}", 0.0),
+    ("\\boxed{\\text{(C)}}", "\\boxed{\\text{(C)}}", 1.0),
+])
+def test_math_equivalence(output, solution, score):
+    assert scoring.math_score(output, solution) == score
+
+
+def test_last_boxed_balances_braces():
+    assert scoring.last_boxed("a \\boxed{1} then \\boxed{\\frac{a}{b}} end") == "\\frac{a}{b}"
+    assert scoring.last_boxed("\\boxed{unclosed") is None
+
+
+def test_f1_and_drop_max():
+    assert scoring.f1("The Eiffel Tower", "eiffel tower") == 1.0
+    assert scoring.f1("red", "blue") == 0.0
+    assert abs(scoring.f1("new york city", "new york") - 0.8) < 1e-9
+    assert scoring.max_f1("Volquin von Winterstein", ["Volquin von Winterstein", "Volquin von Winterstei"]) == 1.0
+    assert scoring.max_f1("4", ["3", "4"]) == 1.0
+
+
+def test_humaneval_scoring_runs_tests_in_sandbox():
+    bench = get_benchmark("humaneval")
+    prompt = "from typing import List\n\ndef helper(x):\n    return x + 1\n\ndef f(xs: List[int]) -> List[int]:\n    \"\"\"add one\"\"\"\n"
+    problem = Problem(id="t", inputs={"problem": prompt, "entry_point": "f"},
+                      reference={"prompt": prompt, "entry_point": "f",
+                                 "test": "def check(candidate):\n    assert candidate([1]) == [2]\n"})
+    # The solution uses the prompt's helper and its typing import without repeating them.
+    good = "def f(xs: List[int]) -> List[int]:\n    return [helper(x) for x in xs]\n"
+    bad = "def f(xs):\n    return xs\n"
+    assert asyncio.run(bench.score(problem, good)) == (1.0, None)
+    score, reason = asyncio.run(bench.score(problem, bad))
+    assert score == 0.0 and "AssertionError" in reason
+    score, reason = asyncio.run(bench.score(problem, "def f(xs):\n    while True: pass\n"))
+    assert score == 0.0 and ("timed out" in reason or "CPU time" in reason)
+
+
+def test_malformed_line_is_a_failed_problem(tmp_path):
+    (tmp_path / "gsm8k_validate.jsonl").write_text(
+        '{"question": "1+1?", "answer": "2", "id": "a"}\n{not json\n["a list"]\n{"question": "no answer"}\n'
+    )
+    problems = get_benchmark("gsm8k").load("validate", tmp_path)
+    assert [p.error is None for p in problems] == [True, False, False, False]
+    assert all("malformed JSONL line" in p.error for p in problems[1:])
