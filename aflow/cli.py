@@ -87,11 +87,10 @@ async def _evaluate(args: argparse.Namespace, endpoint: LLMConfig | None):
     config = EvalConfig(benchmark=args.benchmark, split=args.split, workflow=args.workflow, limit=args.limit,
                         concurrency=args.concurrency, data_dir=resolve_data_dir(args.data_dir),
                         out=Path(args.out) if args.out else None)
-    llm = None
-    if endpoint is not None:
-        llm = LLMClient(endpoint)
-        await llm.check()
+    llm = LLMClient(endpoint) if endpoint is not None else None
     try:
+        if llm:
+            await llm.check()
         return await evaluate(config, llm, progress=sys.stderr.isatty() or not args.json)
     finally:
         if llm:
@@ -115,9 +114,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = embedded.start(port=args.port)
     print(server.base_url, flush=True)
     print(f"model: {server.model} (Ctrl-C to stop)", file=sys.stderr, flush=True)
-    stop = lambda *_: (server.stop(), sys.exit(0))  # noqa: E731
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+
+    def leave(*_):  # unwind to the finally below; stopping inside a handler would deadlock wait()
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGINT, leave)
     try:
         server.process.wait()
     finally:

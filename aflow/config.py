@@ -63,9 +63,11 @@ class LLMConfig:
         if self.api_key_env:
             return self.api_key_env
         host = (urlparse(self.base_url).hostname or "").lower()
-        if host in LOCAL_HOSTS:
+        if host in LOCAL_HOSTS or host.startswith("127."):
             return None
-        return KEY_ENV_BY_HOST.get(host, "OPENAI_API_KEY")
+        # An unknown host gets no key unless api_key_env names one: never send a provider's key
+        # (OPENAI_API_KEY) to a third party; a host that needs one answers 401, which check() reports.
+        return KEY_ENV_BY_HOST.get(host)
 
     def price(self) -> tuple[float, float]:
         return self.prices.get(self.model, (0.0, 0.0))

@@ -88,6 +88,15 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, (ValueError, openai.APIResponseValidationError))
 
 
+def _retry_after(exc: BaseException | None) -> float | None:
+    """Seconds from a Retry-After header (the delta form), if the failed response had one."""
+    response = getattr(exc, "response", None) if isinstance(exc, openai.APIStatusError) else None
+    try:
+        return max(0.0, float(response.headers.get("retry-after", ""))) if response is not None else None
+    except ValueError:
+        return None
+
+
 def describe(exc: BaseException) -> str:
     if isinstance(exc, openai.APIStatusError):
         return f"HTTP {exc.status_code}: {str(exc.message)[:200]}"
@@ -111,7 +120,11 @@ class LLMClient:
             base_url=config.base_url, api_key=key or "EMPTY", timeout=config.timeout, max_retries=0
         )
         self._semaphore = asyncio.Semaphore(config.max_concurrency)
-        self._cache = ResponseCache(config.cache_path) if config.cache_enabled else None
+        try:
+            self._cache = ResponseCache(config.cache_path) if config.cache_enabled else None
+        except (OSError, sqlite3.Error) as exc:
+            raise ExecutorError(f"cannot use the response cache {config.cache_path}: {exc} "
+                                "(choose another --cache-path, or --no-cache)") from exc
         self.usage = Usage()
 
     async def close(self) -> None:
@@ -142,7 +155,11 @@ class LLMClient:
         for attempt in range(self.config.max_retries + 1):
             if attempt:
                 delay = min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1))
-                await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                delay *= random.uniform(0.5, 1.5)
+                hinted = _retry_after(last)
+                if hinted is not None:  # the server said when to come back (429/503)
+                    delay = min(self.config.backoff_max, max(delay, hinted))
+                await asyncio.sleep(delay)
                 for u in trackers:
                     u.retries += 1
             try:
@@ -177,7 +194,12 @@ class LLMClient:
         started = time.monotonic()
         try:
             await self._client.with_options(timeout=min(self.config.timeout, 30)).models.list()
-        except openai.APIStatusError:
+        except openai.APIStatusError as exc:
+            if exc.status_code in (401, 403):  # a wrong key would otherwise fail every problem, silently scored 0
+                raise ExecutorError(
+                    f"executor {self.config.base_url} rejected the API key from "
+                    f"{self.config.key_env() or 'no variable (none sent)'}: {' '.join(describe(exc).split())}"
+                ) from exc
             return  # it answered; some servers just do not implement /models
         except Exception as exc:  # anything else means nothing is listening
             raise ExecutorError(

@@ -8,7 +8,10 @@ against it. With C calls in flight, no run can beat ``calls * L / C``; the ratio
 run's own wall time (summary wall_s) to that bound is the overhead of everything else
 (sandbox processes, scheduling, the client). Target: <= 1.10 at C = 32.
 
-Part 2 times ``aflow.sandbox.run_code`` on a trivial function: K sequential runs (mean,
+Part 2 makes the same number of calls through ``LLMClient`` alone (no sandbox), to
+separate the client's overhead from the rest.
+
+Part 3 times ``aflow.sandbox.run_code`` on a trivial function: K sequential runs (mean,
 p50, p95 in ms), then K runs with 8 at a time (throughput per second).
 
 Output is one ``name: value`` per line.
@@ -20,6 +23,7 @@ import argparse
 import asyncio
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -49,6 +53,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[index]
 
 
+def children_cpu_s() -> float:
+    """CPU seconds (user + sys) of every waited-for descendant so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def evaluate_against_fake(latency: float, n: int, concurrency: int, data_dir: str, timeout: float) -> int:
     with FakeOpenAI(latency=latency, reply=lambda messages: "The answer is 42") as fake:
         env = {k: v for k, v in os.environ.items() if not k.startswith("AFLOW_")}
@@ -56,9 +66,10 @@ def evaluate_against_fake(latency: float, n: int, concurrency: int, data_dir: st
                    "--limit", str(n), "--concurrency", str(concurrency), "--workflow", "builtin:io", "--no-cache",
                    "--data-dir", data_dir, "--executor-base-url", fake.base_url, "--executor-model", "fake-model",
                    "--json"]
-        started = time.monotonic()
+        cpu_before, started = children_cpu_s(), time.monotonic()
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=timeout)
         process_wall = time.monotonic() - started
+        cpu = children_cpu_s() - cpu_before  # aflow and its sandbox processes
         requests, max_in_flight = fake.count, fake.max_in_flight
     if result.returncode != 0:
         print(f"aflow evaluate failed (exit {result.returncode}): {result.stderr.strip()[-500:]}", file=sys.stderr)
@@ -81,7 +92,30 @@ def evaluate_against_fake(latency: float, n: int, concurrency: int, data_dir: st
     emit("bound_s", bound)
     emit("ratio_wall_to_bound", summary["wall_s"] / bound if bound else float("nan"))
     emit("ratio_process_wall_to_bound", process_wall / bound if bound else float("nan"))
+    # CPU the run needs, whatever the machine's load: on `cores` cores it cannot finish sooner
+    cores = os.cpu_count() or 1
+    emit("cores", cores)
+    emit("process_cpu_s", cpu)
+    emit("cpu_floor_s", cpu / cores)
     return 0
+
+
+async def client_only(latency: float, n: int, concurrency: int) -> None:
+    """The same calls through LLMClient alone (no sandbox, no scoring): the client's share."""
+    from aflow.llm import LLMClient
+
+    with FakeOpenAI(latency=latency) as fake:
+        client = LLMClient(LLMConfig(base_url=fake.base_url, model="fake-model", cache=False,
+                                     max_concurrency=concurrency))
+        try:
+            started = time.monotonic()
+            await asyncio.gather(*(client.chat([{"role": "user", "content": f"problem {i}"}]) for i in range(n)))
+            wall = time.monotonic() - started
+        finally:
+            await client.close()
+    bound = n * latency / concurrency
+    emit("client_only_wall_s", wall)
+    emit("client_only_ratio_to_bound", wall / bound)
 
 
 async def sandbox_overhead(k: int, parallel: int) -> None:
@@ -89,16 +123,19 @@ async def sandbox_overhead(k: int, parallel: int) -> None:
 
     await run_code(SNIPPET, "solve")  # warm the page cache; not counted
     times = []
+    cpu_before = children_cpu_s()
     for _ in range(k):
         started = time.perf_counter()
         result = await run_code(SNIPPET, "solve")
         times.append((time.perf_counter() - started) * 1000)
         if not result.ok or str(result.value) != "1":
             raise SystemExit(f"the sandbox did not return 1: {result.error or result.value!r}")
+    cpu_per_run = (children_cpu_s() - cpu_before) / k * 1000
     emit("sandbox_runs", k)
     emit("sandbox_mean_ms", statistics.fmean(times))
     emit("sandbox_p50_ms", percentile(times, 50))
     emit("sandbox_p95_ms", percentile(times, 95))
+    emit("sandbox_cpu_ms_per_run", cpu_per_run)
 
     semaphore = asyncio.Semaphore(parallel)
 
@@ -126,9 +163,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sandbox-concurrency", type=int, default=8)
     parser.add_argument("--timeout", type=float, default=600.0, help="give up on the evaluate run after this long")
     args = parser.parse_args(argv)
+    emit("load_average_1m", os.getloadavg()[0])  # other work on the machine skews every time below
     status = evaluate_against_fake(args.latency, args.n, args.concurrency, args.data_dir, args.timeout)
     if status:
         return status
+    asyncio.run(client_only(args.latency, args.n, min(args.concurrency, LLMConfig().max_concurrency)))
     asyncio.run(sandbox_overhead(args.sandbox_runs, args.sandbox_concurrency))
     return 0
 

@@ -1,6 +1,6 @@
 """`aflow evaluate` end to end, as a subprocess, against the local fake OpenAI server with
 injected faults: retried faults cost calls, not records; a dead executor costs records, not
-the run; set-up problems exit 2 with one line."""
+the run; set-up problems exit 2 with one line. Needs benchmark data: --data-dir or $AFLOW_DATA_DIR."""
 
 from __future__ import annotations
 
@@ -15,17 +15,21 @@ import pytest
 
 from tests.fake_openai import FakeOpenAI
 
-REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("AFLOW_DATA_DIR") or REPO.parent / "shared" / "data" / "aflow")
-GSM8K_VALIDATE = DATA_DIR / "gsm8k_validate.jsonl"
 SUMMARY_KEYS = {"benchmark", "split", "n", "score", "errors", "calls", "prompt_tokens", "completion_tokens",
                 "cost_usd", "wall_s"}
 
-pytestmark = pytest.mark.skipif(not GSM8K_VALIDATE.is_file(), reason=f"no benchmark data at {DATA_DIR}")
+
+@pytest.fixture
+def gsm8k(data_dir) -> Path:
+    """gsm8k_validate.jsonl from the data directory (conftest's `data_dir` skips without one)."""
+    path = data_dir / "gsm8k_validate.jsonl"
+    if not path.is_file():
+        pytest.skip(f"no {path}")
+    return path
 
 
-def gsm8k_rows(n: int) -> list[dict]:
-    with open(GSM8K_VALIDATE, encoding="utf-8") as f:
+def gsm8k_rows(path: Path, n: int) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
         return [json.loads(line) for _, line in zip(range(n), f, strict=False)]
 
 
@@ -42,8 +46,8 @@ def gold_reply(rows: list[dict]):
     return reply
 
 
-def aflow_evaluate(tmp_path: Path, *args: str, base_url: str | None, out: str | None = "out",
-                   data_dir: Path = DATA_DIR, timeout: float = 60) -> subprocess.CompletedProcess:
+def aflow_evaluate(tmp_path: Path, data_dir: Path, *args: str, base_url: str | None, out: str | None = "out",
+                   timeout: float = 60) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AFLOW_") and not k.endswith("_API_KEY")}
     env["XDG_CACHE_HOME"] = str(tmp_path / "xdg-cache")  # never the user's response cache
     command = [sys.executable, "-m", "aflow.cli", "evaluate", "--benchmark", "gsm8k", "--split", "validate",
@@ -78,11 +82,11 @@ def assert_setup_error(result: subprocess.CompletedProcess, *fragments: str) -> 
     assert "Traceback" not in result.stderr
 
 
-def test_injected_faults_are_retried_end_to_end(tmp_path):
+def test_injected_faults_are_retried_end_to_end(tmp_path, gsm8k):
     faults = ["429", "500", "stall", "bad_json"]
-    rows = gsm8k_rows(6)
+    rows = gsm8k_rows(gsm8k, 6)
     with FakeOpenAI(reply=gold_reply(rows), faults=faults, stall_seconds=1.0, usage=(100, 10)) as fake:
-        result = aflow_evaluate(tmp_path, "--limit", "6", "--no-cache", base_url=fake.base_url)
+        result = aflow_evaluate(tmp_path, gsm8k.parent, "--limit", "6", "--no-cache", base_url=fake.base_url)
         count = fake.count
         seen = [r.fault for r in fake.chat_requests]
     summary = last_json(result)
@@ -105,9 +109,9 @@ def test_injected_faults_are_retried_end_to_end(tmp_path):
     assert json.loads((out / "summary.json").read_text()) == summary
 
 
-def test_dead_executor_fails_every_record_but_not_the_run(tmp_path):
+def test_dead_executor_fails_every_record_but_not_the_run(tmp_path, gsm8k):
     with FakeOpenAI(default_fault="500") as fake:
-        result = aflow_evaluate(tmp_path, "--limit", "6", "--no-cache", base_url=fake.base_url)
+        result = aflow_evaluate(tmp_path, gsm8k.parent, "--limit", "6", "--no-cache", base_url=fake.base_url)
         count = fake.count
     summary = last_json(result)
     assert summary["n"] == 6 and summary["errors"] == 6 and summary["score"] == 0.0
@@ -119,13 +123,13 @@ def test_dead_executor_fails_every_record_but_not_the_run(tmp_path):
         assert record["output"] is None and record["score"] == 0.0
 
 
-def test_second_run_is_answered_from_the_cache(tmp_path):
+def test_second_run_is_answered_from_the_cache(tmp_path, gsm8k):
     cache = tmp_path / "responses.sqlite"
-    with FakeOpenAI(reply=gold_reply(gsm8k_rows(6))) as fake:
-        first = last_json(aflow_evaluate(tmp_path, "--limit", "6", "--cache-path", str(cache),
+    with FakeOpenAI(reply=gold_reply(gsm8k_rows(gsm8k, 6))) as fake:
+        first = last_json(aflow_evaluate(tmp_path, gsm8k.parent, "--limit", "6", "--cache-path", str(cache),
                                          base_url=fake.base_url, out="first"))
         after_first = fake.count
-        second = last_json(aflow_evaluate(tmp_path, "--limit", "6", "--cache-path", str(cache),
+        second = last_json(aflow_evaluate(tmp_path, gsm8k.parent, "--limit", "6", "--cache-path", str(cache),
                                           base_url=fake.base_url, out="second"))
         after_second = fake.count
     assert cache.is_file()
@@ -140,31 +144,30 @@ def test_second_run_is_answered_from_the_cache(tmp_path):
 
 def test_missing_data_file_exits_2(tmp_path, fake_openai):
     missing = tmp_path / "no-such-dir"
-    result = aflow_evaluate(tmp_path, "--limit", "6", "--no-cache", base_url=fake_openai.base_url,
-                            data_dir=missing)
+    result = aflow_evaluate(tmp_path, missing, "--limit", "6", "--no-cache", base_url=fake_openai.base_url)
     assert_setup_error(result, "missing data file", str(missing))
     assert fake_openai.count == 0
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
-def test_unreachable_executor_exits_2(tmp_path):
+def test_unreachable_executor_exits_2(tmp_path, gsm8k):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     base_url = f"http://127.0.0.1:{port}/v1"
-    result = aflow_evaluate(tmp_path, "--limit", "6", "--no-cache", base_url=base_url)
+    result = aflow_evaluate(tmp_path, gsm8k.parent, "--limit", "6", "--no-cache", base_url=base_url)
     assert_setup_error(result, "not reachable", base_url)
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
-def test_malformed_line_is_one_failed_record(tmp_path, fake_openai):
-    rows = gsm8k_rows(3)
+def test_malformed_line_is_one_failed_record(tmp_path, fake_openai, gsm8k):
+    rows = gsm8k_rows(gsm8k, 3)
     fake_openai.reply = gold_reply(rows)
     data = tmp_path / "data"
     data.mkdir()
-    lines = GSM8K_VALIDATE.read_text(encoding="utf-8").splitlines()[:3]
+    lines = gsm8k.read_text(encoding="utf-8").splitlines()[:3]
     (data / "gsm8k_validate.jsonl").write_text("\n".join([lines[0], "{this is not json", *lines[1:]]) + "\n")
-    result = aflow_evaluate(tmp_path, "--no-cache", base_url=fake_openai.base_url, data_dir=data)
+    result = aflow_evaluate(tmp_path, data, "--no-cache", base_url=fake_openai.base_url)
     summary = last_json(result)
     assert summary["n"] == 4 and summary["errors"] == 1
     assert summary["score"] == pytest.approx(3 / 4)

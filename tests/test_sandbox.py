@@ -407,7 +407,7 @@ FORK_BOMBS = {
         while True:
             try:
                 posix.fork()
-            except OSError as exc:
+            except BlockingIOError as exc:  # EAGAIN at the process limit; keep trying
                 last = exc
     """,
 }
@@ -417,13 +417,17 @@ FORK_BOMBS = {
 def test_fork_bomb_is_contained(spawned, mode, bomb):
     result = body_runner(mode)(FORK_BOMBS[bomb], BOMB)
     assert not result.ok
-    assert result.error == f"timed out after {BOMB.wall_seconds:g}s (wall clock)"
-    assert result.seconds < BOMB.wall_seconds + 2.5
-    # the bomb did fork (the guard was bypassed) ...
-    assert len(spawned.pids) > 3
-    # ... up to the pids cgroup's limit, when there is one
-    if os.geteuid() == 0 and sandbox.PIDS_CGROUP.parent.is_dir():
-        assert len(spawned.pids) <= BOMB.max_processes
+    if result.error.startswith("PermissionError:"):
+        # a guard that covers this route refuses the first fork
+        assert "is not allowed in the aflow sandbox" in result.error
+    else:
+        assert result.error == f"timed out after {BOMB.wall_seconds:g}s (wall clock)"
+        assert result.seconds < BOMB.wall_seconds + 2.5
+        # the bomb did fork (the guard was bypassed) ...
+        assert len(spawned.pids) > 3
+        # ... up to the pids cgroup's limit, when there is one
+        if os.geteuid() == 0 and sandbox.PIDS_CGROUP.parent.is_dir():
+            assert len(spawned.pids) <= BOMB.max_processes
     # ... and every process of it is gone, its cgroup removed
     assert _survivors(spawned.pids, 3.0) == []
     for pid in spawned.groups:
@@ -431,10 +435,6 @@ def test_fork_bomb_is_contained(spawned, mode, bomb):
     _machine_still_works()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "known sandbox gap: the payload (the PID namespace's init) can re-import ctypes, clear its "
-    "PR_SET_PDEATHSIG and setsid(); _kill_group's killpg then misses it and it outlives the run "
-    "(see the report: kill the namespace init / the pids cgroup's members in _kill_group)"))
 def test_process_leaving_the_group_is_still_killed(spawned):
     result = code("""
 import os, sys, time

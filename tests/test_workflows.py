@@ -505,10 +505,6 @@ class Workflow:
 
 
 @needs_linux
-@pytest.mark.xfail(strict=True, raises=WorkflowCheckError, reason=(
-    "adapter gap: rounds from the current FoundationAgents/AFlow repository import from `scripts.*` "
-    "(scripts.async_llm.create_llm_instance, scripts.evaluator.DatasetType) and call "
-    "llm.get_usage_summary(); only the older `metagpt.*` imports are rewritten"))
 def test_aflow_scripts_style_round_runs():
     code = from_source(AFLOW_SCRIPTS_GRAPH, "SOLVE_PROMPT = 'Answer.'\n")
     handler = Recorder({"response": "Paris"})

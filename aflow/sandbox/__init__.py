@@ -27,6 +27,17 @@ PIDS_CGROUP = Path("/sys/fs/cgroup/pids/aflow-sandbox")
 OperatorHandler = Callable[[str, dict], Awaitable[Any]]
 
 
+def _make_undumpable() -> None:
+    """Keep same-user processes (a sandbox without namespaces) out of this process's
+    /proc/<pid>/environ and memory, where the API keys live."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
+    except (OSError, AttributeError):
+        pass
+
+
 @dataclass(frozen=True)
 class Limits:
     """Per-execution resource limits. Defaults suit one code snippet or test run."""
@@ -71,6 +82,7 @@ def child_environment(workdir: str) -> dict[str, str]:
 async def run_job(job: dict, limits: Limits, on_call: OperatorHandler | None = None) -> SandboxResult:
     """Run one job (see child.py for the protocol) and return what it reported."""
     started = time.monotonic()
+    _make_undumpable()
     workdir = tempfile.mkdtemp(prefix="aflow-sbx-")
     job = {**job, "limits": asdict(limits)}
     process = await asyncio.create_subprocess_exec(
@@ -183,7 +195,42 @@ def _last_line(text: str) -> str:
     return f": {lines[-1][:300]}" if lines else ""
 
 
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                found += [int(p) for p in f.read().split()]
+    except OSError:
+        pass
+    return found
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
 def _kill_group(pid: int) -> None:
+    """Kill everything the sandbox started, even a process that left the group.
+
+    The PID namespace's init is the intermediate's child: killing it kills the whole
+    namespace. Whatever is left in the pids cgroup (root) is killed by name; the process
+    group catches the rest when there are no namespaces."""
+    for child in _children(pid):
+        _kill(child)
+    procs = PIDS_CGROUP / str(pid) / "cgroup.procs"
+    for _ in range(100):
+        try:
+            members = [int(p) for p in procs.read_text().split()]
+        except OSError:
+            break
+        if not members:
+            break
+        for member in members:
+            _kill(member)
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):

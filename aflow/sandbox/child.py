@@ -43,13 +43,9 @@ MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
 PIDS_CGROUP_ROOT = "/sys/fs/cgroup/pids"
 
-# Modules the payload may need after the guard is up; importing them first means a
-# read-only, capability-less process never has to open them.
-PRELOAD = (
-    "asyncio", "collections", "dataclasses", "datetime", "decimal", "fractions", "functools",
-    "hashlib", "heapq", "bisect", "itertools", "math", "operator", "random", "re", "statistics",
-    "string", "typing", "copy", "cmath", "textwrap", "unicodedata", "array", "enum", "numbers",
-)
+# A workflow job runs on asyncio; importing it before confinement keeps its set-up
+# (a socketpair for the event loop) out of reach of the guard. Code jobs import nothing.
+WORKFLOW_PRELOAD = ("asyncio", "inspect", "types")
 
 
 def _libc():
@@ -176,7 +172,9 @@ def _owned(pid):
 
 def install_guard(layers):
     """Refuse process, signal and network primitives at the Python level (defence in depth)."""
+    import _socket
     import builtins
+    import posix
     import socket
     import subprocess
 
@@ -189,11 +187,14 @@ def install_guard(layers):
                  "execv", "execve", "execvp", "execvpe", "execl", "execle", "execlp", "execlpe",
                  "spawnv", "spawnve", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp",
                  "putenv", "unsetenv", "chroot", "setuid", "setgid", "unshare"):
-        if hasattr(os, name):
-            setattr(os, name, refused(f"os.{name}"))
+        for module in (os, posix):
+            if hasattr(module, name):
+                setattr(module, name, refused(f"os.{name}"))
     subprocess.Popen = refused("subprocess")
     for name in ("socket", "create_connection", "create_server", "socketpair", "fromfd"):
         setattr(socket, name, refused(f"socket.{name}"))
+    for name in ("socket", "socketpair", "fromfd"):
+        setattr(_socket, name, refused(f"socket.{name}"))
     for name in ("ctypes", "_ctypes", "multiprocessing", "_posixsubprocess", "pty"):
         sys.modules[name] = None
     builtins.exit = builtins.quit = refused("exit")
@@ -251,7 +252,7 @@ def _short_error(exc):
         if frame.filename.startswith("<") or frame.filename.endswith(("graph.py", "prompt.py")):
             where = f" (line {frame.lineno})"
             break
-    text = f"{type(exc).__name__}: {exc}"
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     return (text[:1500] + where) if len(text) > 1500 else text + where
 
 
@@ -298,11 +299,22 @@ def build_operator_module(names, call):
             reply = await call("Custom", {"input": prompt, "instruction": ""})
             return reply.get("response", "")
 
+        def get_usage_summary(self):  # cost is accounted by the trusted side
+            return {"total_input_tokens": 0, "total_output_tokens": 0, "total_tokens": 0, "total_cost": 0.0}
+
+    class Logger:
+        def _log(self, *args, **_kwargs):
+            print(*args)
+
+        debug = info = warning = error = exception = _log
+
     module = types.ModuleType("aflow_ops")
     for name in names:
         setattr(module, name, factory(name))
     module.create_llm_instance = lambda *_args, **_kwargs: LLM()
     module.CostManager = CostManager
+    module.DatasetType = str
+    module.logger = Logger()
     return module
 
 
@@ -408,17 +420,20 @@ def main():
     channel = Channel()
     job = channel.receive()
     layers = []
-    for name in PRELOAD:
-        __import__(name)
+    if job.get("mode") == "workflow":
+        for name in WORKFLOW_PRELOAD:
+            __import__(name)
     try:
         confine(job, layers)
     except Exception as exc:  # a layer failed half-way: refuse to run rather than run loose
         channel.send({"type": "done", "ok": False, "error": f"sandbox set-up failed: {exc}", "isolation": layers})
         os._exit(0)
     redirect_output(os.getcwd())
-    import asyncio
+    loop = None
+    if job.get("mode") == "workflow":
+        import asyncio
 
-    loop = asyncio.new_event_loop()  # before the guard: the loop needs a socketpair
+        loop = asyncio.new_event_loop()  # before the guard: the loop needs a socketpair
     install_guard(layers)
     try:
         if job["mode"] == "code":

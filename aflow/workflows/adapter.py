@@ -9,6 +9,8 @@ sandbox's own modules, so the rest of the file runs unchanged:
     import workspace.X.workflows.round_N.prompt as prompt_custom ->  import prompt as prompt_custom
     from metagpt.provider.llm_provider_registry import create_llm_instance -> from aflow_ops import ...
     from metagpt.utils.cost_manager import CostManager           -> from aflow_ops import CostManager
+    from scripts.async_llm import create_llm_instance            -> from aflow_ops import ... (current AFlow)
+    from scripts.evaluator import DatasetType; from scripts.logs import logger -> from aflow_ops import ...
 
 The sandbox then constructs `Workflow("workflow", None, dataset)` and keeps the answer
 from the returned tuple. Cost is accounted by the trusted side, not by the file.
@@ -18,7 +20,8 @@ from __future__ import annotations
 
 import ast
 
-METAGPT_NAMES = {"create_llm_instance", "CostManager"}
+# Names AFlow rounds import from MetaGPT (older rounds) or from AFlow's `scripts` package.
+AFLOW_NAMES = {"create_llm_instance", "CostManager", "DatasetType", "logger"}
 
 
 def is_aflow_format(tree: ast.Module) -> bool:
@@ -50,8 +53,8 @@ class _Rewrite(ast.NodeTransformer):
 
     def visit_ImportFrom(self, node: ast.ImportFrom):
         module = node.module or ""
-        if module.startswith("metagpt"):
-            kept = [a for a in node.names if a.name in METAGPT_NAMES]
+        if module.startswith(("metagpt", "scripts.")) and not module.endswith((".operator", ".prompt")):
+            kept = [a for a in node.names if a.name in AFLOW_NAMES]
             if not kept:
                 return None  # type-only imports of MetaGPT have no use in the sandbox
             return ast.copy_location(ast.ImportFrom(module="aflow_ops", names=kept, level=0), node)

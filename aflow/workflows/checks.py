@@ -14,6 +14,12 @@ FORBIDDEN_NAMES = frozenset({
     "delattr", "breakpoint", "input", "memoryview", "help", "exit", "quit",
 })
 ALLOWED_DUNDERS = frozenset({"__init__", "__call__", "__name__", "__future__"})
+# Attributes that lead from an allowed module to the interpreter's internals
+# (e.g. asyncio.base_events.sys.modules['posix']).
+FORBIDDEN_ATTRIBUTES = frozenset({
+    "sys", "modules", "os", "_os", "posix", "builtins", "subprocess", "socket", "_socket", "importlib",
+    "f_globals", "f_locals", "f_back", "gi_frame", "cr_frame", "ag_frame", "tb_frame",
+})
 
 
 class WorkflowCheckError(ValueError):
@@ -39,7 +45,7 @@ def check_source(source: str, filename: str, require_workflow: bool) -> ast.Modu
                                          f"(allowed: {', '.join(sorted(ALLOWED_IMPORTS - {'__future__'}))})")
         if isinstance(node, ast.Name) and (node.id in FORBIDDEN_NAMES or _is_bad_dunder(node.id)):
             raise WorkflowCheckError(f"{filename}:{line}: use of '{node.id}' is not allowed")
-        if isinstance(node, ast.Attribute) and _is_bad_dunder(node.attr):
+        if isinstance(node, ast.Attribute) and (_is_bad_dunder(node.attr) or node.attr in FORBIDDEN_ATTRIBUTES):
             raise WorkflowCheckError(f"{filename}:{line}: access to '{node.attr}' is not allowed")
         if isinstance(node, (ast.Global, ast.Nonlocal)):
             raise WorkflowCheckError(f"{filename}:{line}: global/nonlocal statements are not allowed")
