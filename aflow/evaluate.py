@@ -14,7 +14,7 @@ from aflow.config import EvalConfig
 from aflow.files import JsonlAppender, atomic_write_json
 from aflow.llm import LLMClient, Usage
 from aflow.operators import OPERATOR_NAMES, OperatorContext
-from aflow.sandbox import WORKFLOW_LIMITS, Limits, run_workflow
+from aflow.sandbox import WORKFLOW_LIMITS, Limits, Sandbox
 from aflow.workflows import GOLD, WorkflowCheckError, WorkflowCode, load_workflow
 
 INPUT_CHARS_KEPT = 2000
@@ -53,8 +53,9 @@ class Summary:
     isolation: list[str] = field(default_factory=list)
 
 
-async def run_problem(bench: Benchmark, problem: Problem, workflow: WorkflowCode | WorkflowCheckError, llm: LLMClient | None,
-                      tests: dict, limits: Limits = WORKFLOW_LIMITS) -> tuple[Record, list[str]]:
+async def run_problem(bench: Benchmark, problem: Problem, workflow: WorkflowCode | WorkflowCheckError,
+                      llm: LLMClient | None, tests: dict, sandbox: Sandbox,
+                      limits: Limits = WORKFLOW_LIMITS) -> tuple[Record, list[str]]:
     """Run and score one problem; every failure becomes part of the record."""
     started = time.monotonic()
     usage = Usage()
@@ -63,16 +64,16 @@ async def run_problem(bench: Benchmark, problem: Problem, workflow: WorkflowCode
         if isinstance(workflow, WorkflowCheckError):
             error = f"workflow rejected: {workflow}"
         else:
-            ctx = OperatorContext(llm, usage, tests)
+            ctx = OperatorContext(llm, usage, tests, sandbox=sandbox)
             inputs = {**problem.inputs, "gold": problem.gold} if workflow.name == GOLD else problem.inputs
-            result = await run_workflow(workflow.graph, workflow.prompt, inputs, ctx.call,
+            result = await sandbox.run_workflow(workflow.graph, workflow.prompt, inputs, ctx.call,
                                         OPERATOR_NAMES, workflow.format, bench.name, limits)
             output, error, isolation = result.value, result.error, result.isolation
             if result.ok and output is None:
                 error = "the workflow returned None"
     score, reason = (0.0, None)
     if error is None:
-        score, reason = await bench.score(problem, output)
+        score, reason = await bench.score(problem, output, sandbox=sandbox)
     record = Record(
         id=problem.id, input=str(problem.inputs.get("problem", ""))[:INPUT_CHARS_KEPT], output=output,
         score=score, error=error, score_reason=reason, prompt_tokens=usage.prompt_tokens,
@@ -102,7 +103,7 @@ async def evaluate(config: EvalConfig, llm: LLMClient | None, progress: bool = T
 
     async def one(problem: Problem) -> None:
         async with semaphore:
-            record, layers = await run_problem(bench, problem, workflow, llm, tests)
+            record, layers = await run_problem(bench, problem, workflow, llm, tests, sandbox)
         records.append(record)
         if layers and not isolation:
             isolation.extend(layers)
@@ -112,9 +113,11 @@ async def evaluate(config: EvalConfig, llm: LLMClient | None, progress: bool = T
             bar.update(1)
             bar.set_postfix(score=f"{sum(r.score for r in records) / len(records):.3f}")
 
+    sandbox = await Sandbox().start()
     try:
         await asyncio.gather(*(one(p) for p in problems))
     finally:
+        await sandbox.close()
         if appender:
             appender.close()
         if bar is not None:

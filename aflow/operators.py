@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from aflow import parsing
 from aflow.llm import LLMClient, Usage
-from aflow.sandbox import CODE_LIMITS, Limits, run_code
+from aflow.sandbox import CODE_LIMITS, Limits, Sandbox
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,9 @@ class OperatorContext:
     public tests for the Test operator, and the sandbox limits for code."""
 
     def __init__(self, llm: LLMClient, usage: Usage | None = None, public_tests: dict | None = None,
-                 code_limits: Limits = CODE_LIMITS, seed: int = 0):
+                 code_limits: Limits = CODE_LIMITS, seed: int = 0, sandbox: Sandbox | None = None):
         self.llm = llm
+        self.sandbox = sandbox or Sandbox(use_zygote=False)
         self.usage = usage if usage is not None else Usage()
         self.public_tests = public_tests or {}
         self.code_limits = code_limits
@@ -132,7 +133,7 @@ async def programmer(ctx: OperatorContext, problem: str, analysis: str = "None",
         if not code:
             feedback = "\nYour previous reply had no valid Python code defining solve()."
             continue
-        result = await run_code(code, "solve", ctx.code_limits)
+        result = await ctx.sandbox.run_code(code, "solve", ctx.code_limits)
         if result.ok:
             return {"code": code, "output": "" if result.value is None else str(result.value)}
         output = f"error: {result.error}"
@@ -145,7 +146,7 @@ async def test(ctx: OperatorContext, problem: str, solution: str, entry_point: s
     for _ in range(max(1, test_loop)):
         checks = "\n".join(f"    {a}" for a in asserts) or "    pass"
         program = f"{solution}\n\ndef _public_check(candidate):\n{checks}\n\n_public_check({entry_point})\n"
-        result = await run_code(program, None, ctx.code_limits)
+        result = await ctx.sandbox.run_code(program, None, ctx.code_limits)
         if result.ok:
             return {"result": True, "solution": solution}
         text = await ctx.ask(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aflow.benchmarks import scoring
-from aflow.sandbox import CODE_LIMITS, Limits, run_code
+from aflow.sandbox import CODE_LIMITS, Limits, Sandbox
 
 SPLITS = ("validate", "test")
 
@@ -91,12 +91,13 @@ class Benchmark:
                     yield Problem(id=f"{self.name}-line{number}", inputs={"problem": ""},
                                   error=f"malformed JSONL line {number} of {path.name}: {type(exc).__name__}: {exc}")
 
-    async def score(self, problem: Problem, output: Any, limits: Limits = CODE_LIMITS) -> tuple[float, str | None]:
-        """(score in [0, 1], reason when it is not a clean pass)."""
+    async def score(self, problem: Problem, output: Any, limits: Limits = CODE_LIMITS,
+                    sandbox: Sandbox | None = None) -> tuple[float, str | None]:
+        """(score in [0, 1], reason when it is not a clean pass). Code runs in `sandbox`."""
         if output is None:
             return 0.0, "no output"
         if self.is_code:
-            return await self.score_fn(problem, str(output), limits)
+            return await self.score_fn(problem, str(output), limits, sandbox or Sandbox(use_zygote=False))
         return float(self.score_fn(problem, str(output))), None
 
 
@@ -160,22 +161,22 @@ def _drop(row: dict, n: int) -> Problem:
 
 # ---- code scoring -------------------------------------------------------------------
 
-async def _score_program(program: str, limits: Limits) -> tuple[float, str | None]:
-    result = await run_code(program, None, limits)
+async def _score_program(program: str, limits: Limits, sandbox: Sandbox) -> tuple[float, str | None]:
+    result = await sandbox.run_code(program, None, limits)
     return (1.0, None) if result.ok else (0.0, result.error)
 
 
-async def _score_humaneval(problem: Problem, output: str, limits: Limits) -> tuple[float, str | None]:
+async def _score_humaneval(problem: Problem, output: str, limits: Limits, sandbox: Sandbox) -> tuple[float, str | None]:
     ref = problem.reference
     preamble = scoring.prompt_preamble(ref["prompt"], output, ref["entry_point"])
     program = f"{preamble}\n{output}\n\n{ref['test']}\n\ncheck({ref['entry_point']})\n"
-    return await _score_program(program, limits)
+    return await _score_program(program, limits, sandbox)
 
 
-async def _score_mbpp(problem: Problem, output: str, limits: Limits) -> tuple[float, str | None]:
+async def _score_mbpp(problem: Problem, output: str, limits: Limits, sandbox: Sandbox) -> tuple[float, str | None]:
     ref = problem.reference
     program = "\n".join(ref["imports"]) + f"\n{output}\n\n{ref['test']}\n\ncheck()\n"
-    return await _score_program(program, limits)
+    return await _score_program(program, limits, sandbox)
 
 
 BENCHMARKS: dict[str, Benchmark] = {

@@ -13,7 +13,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -21,8 +20,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-CHILD = Path(__file__).with_name("child.py")
+from aflow.sandbox.processes import ChildProcess, Zygote, child_environment, spawn_fresh
+
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids/aflow-sandbox")
+
+__all__ = ["CODE_LIMITS", "WORKFLOW_LIMITS", "Limits", "Sandbox", "SandboxResult", "child_environment",
+           "run_code", "run_job", "run_workflow"]
 
 OperatorHandler = Callable[[str, dict], Awaitable[Any]]
 
@@ -65,56 +68,99 @@ class SandboxResult:
     isolation: list[str] = field(default_factory=list)
 
 
-def child_environment(workdir: str) -> dict[str, str]:
-    """Only what Python needs: no keys, no proxies, no PYTHON* variables."""
-    return {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": workdir,
-        "TMPDIR": workdir,
-        "LANG": "C.UTF-8",
-        "PYTHONHASHSEED": "0",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "OMP_NUM_THREADS": "1",
-    }
+class Sandbox:
+    """Runs jobs in sandbox processes. `async with Sandbox() as sandbox:` forks them from a
+    zygote (cheap: one interpreter start for the whole run); without `start()`, or if the
+    zygote dies, each job gets a fresh interpreter. Confinement is the same either way."""
+
+    def __init__(self, use_zygote: bool = True):
+        self.use_zygote = use_zygote
+        self._zygote: Zygote | None = None
+
+    async def start(self) -> Sandbox:
+        _make_undumpable()
+        if self.use_zygote and self._zygote is None:
+            zygote = Zygote()
+            try:
+                await zygote.start()
+                self._zygote = zygote
+            except (OSError, asyncio.TimeoutError, RuntimeError):
+                await zygote.stop()  # fresh interpreters still work
+        return self
+
+    async def close(self) -> None:
+        if self._zygote is not None:
+            await self._zygote.stop()
+            self._zygote = None
+
+    async def __aenter__(self) -> Sandbox:
+        return await self.start()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _spawn(self, workdir: str, limits: Limits) -> ChildProcess:
+        if self._zygote is not None and self._zygote.alive:
+            try:
+                return await self._zygote.spawn(workdir, limits.max_message_bytes)
+            except (OSError, RuntimeError, asyncio.TimeoutError):
+                pass
+        return await spawn_fresh(workdir, limits.max_message_bytes)
+
+    async def run_job(self, job: dict, limits: Limits, on_call: OperatorHandler | None = None) -> SandboxResult:
+        """Run one job (see child.py for the protocol) and return what it reported."""
+        started = time.monotonic()
+        _make_undumpable()
+        workdir = tempfile.mkdtemp(prefix="aflow-sbx-")
+        job = {**job, "limits": asdict(limits)}
+        child = await self._spawn(workdir, limits)
+        result = SandboxResult(ok=False, error="the sandboxed process ended without a result")
+        try:
+            result = await asyncio.wait_for(_converse(child, job, on_call), timeout=limits.wall_seconds)
+        except asyncio.TimeoutError:
+            result = SandboxResult(ok=False, error=f"timed out after {limits.wall_seconds:g}s (wall clock)")
+        finally:
+            _kill_group(child.pid)
+            await _reap(child)
+            if not result.ok and "without a result" in (result.error or ""):
+                result.error += _last_line(await _read_stream(child.stderr, 8192))
+            child.close()
+            output = _read_head(Path(workdir) / "output.log", 4096)
+            shutil.rmtree(workdir, ignore_errors=True)
+            await _remove_cgroup(child.pid)
+        result.output = output
+        result.seconds = time.monotonic() - started
+        return result
+
+    async def run_code(self, code: str, entry: str | None = None, limits: Limits = CODE_LIMITS) -> SandboxResult:
+        """Execute `code`; when `entry` names a function, call it and return its result as text."""
+        return await self.run_job({"mode": "code", "code": code, "entry": entry}, limits)
+
+    async def run_workflow(self, graph: str, prompt: str, inputs: dict, on_call: OperatorHandler,
+                           operators: list[str], fmt: str = "native", dataset: str = "",
+                           limits: Limits = WORKFLOW_LIMITS) -> SandboxResult:
+        """Run a workflow's `Workflow(...)(problem, **extras)`; its operator calls go to `on_call`."""
+        job = {"mode": "workflow", "graph": graph, "prompt": prompt, "inputs": inputs,
+               "operators": operators, "format": fmt, "dataset": dataset}
+        return await self.run_job(job, limits, on_call)
 
 
 async def run_job(job: dict, limits: Limits, on_call: OperatorHandler | None = None) -> SandboxResult:
-    """Run one job (see child.py for the protocol) and return what it reported."""
-    started = time.monotonic()
-    _make_undumpable()
-    workdir = tempfile.mkdtemp(prefix="aflow-sbx-")
-    job = {**job, "limits": asdict(limits)}
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-I", "-B", str(CHILD),
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,  # only the trusted start-up writes here; the job's goes to a file
-        cwd=workdir,
-        env=child_environment(workdir),
-        start_new_session=True,
-        limit=limits.max_message_bytes,
-    )
-    result = SandboxResult(ok=False, error="the sandboxed process ended without a result")
-    try:
-        result = await asyncio.wait_for(_converse(process, job, on_call), timeout=limits.wall_seconds)
-    except asyncio.TimeoutError:
-        result = SandboxResult(ok=False, error=f"timed out after {limits.wall_seconds:g}s (wall clock)")
-    finally:
-        _kill_group(process.pid)
-        await _reap(process)
-        if not result.ok and "without a result" in (result.error or ""):
-            result.error += _last_line(await _read_stream(process.stderr, 8192))
-        result_output = _read_head(Path(workdir) / "output.log", 4096)
-        shutil.rmtree(workdir, ignore_errors=True)
-        _remove_cgroup(process.pid)
-    result.output = result_output
-    result.seconds = time.monotonic() - started
-    return result
+    """One job in a fresh interpreter (no zygote to manage)."""
+    return await Sandbox(use_zygote=False).run_job(job, limits, on_call)
 
 
-async def _converse(process: asyncio.subprocess.Process, job: dict, on_call: OperatorHandler | None) -> SandboxResult:
-    assert process.stdin and process.stdout
+async def run_code(code: str, entry: str | None = None, limits: Limits = CODE_LIMITS) -> SandboxResult:
+    return await Sandbox(use_zygote=False).run_code(code, entry, limits)
+
+
+async def run_workflow(graph: str, prompt: str, inputs: dict, on_call: OperatorHandler, operators: list[str],
+                       fmt: str = "native", dataset: str = "", limits: Limits = WORKFLOW_LIMITS) -> SandboxResult:
+    return await Sandbox(use_zygote=False).run_workflow(graph, prompt, inputs, on_call, operators, fmt, dataset,
+                                                        limits)
+
+
+async def _converse(process: ChildProcess, job: dict, on_call: OperatorHandler | None) -> SandboxResult:
     write_lock = asyncio.Lock()
 
     async def send(message: dict) -> None:
@@ -222,37 +268,41 @@ def _kill_group(pid: int) -> None:
     for child in _children(pid):
         _kill(child)
     procs = PIDS_CGROUP / str(pid) / "cgroup.procs"
-    for _ in range(100):
+    killed: set[int] = set()
+    for _ in range(100):  # repeat only while something new appears (a fork bomb racing the kill)
         try:
-            members = [int(p) for p in procs.read_text().split()]
+            members = {int(p) for p in procs.read_text().split()}
         except OSError:
             break
-        if not members:
+        if members <= killed:
             break
-        for member in members:
+        for member in members - killed:
             _kill(member)
+        killed |= members
     try:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
 
 
-async def _reap(process: asyncio.subprocess.Process) -> None:
+async def _reap(process: ChildProcess) -> None:
     try:
         await asyncio.wait_for(process.wait(), timeout=5)
     except asyncio.TimeoutError:
         pass
 
 
-def _remove_cgroup(pid: int) -> None:
+async def _remove_cgroup(pid: int) -> None:
+    """Once the sandbox's processes are reaped its cgroup is empty and can go."""
     path = PIDS_CGROUP / str(pid)
-    if path.exists():
-        for _ in range(50):
-            try:
-                path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.01)
+    for _ in range(100):
+        try:
+            path.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError:  # still a member on its way out
+            await asyncio.sleep(0.01)
 
 
 def _read_head(path: Path, limit: int) -> str:
@@ -262,23 +312,3 @@ def _read_head(path: Path, limit: int) -> str:
     except OSError:
         return ""
 
-
-async def run_code(code: str, entry: str | None = None, limits: Limits = CODE_LIMITS) -> SandboxResult:
-    """Execute `code`; when `entry` names a function, call it and return its result as text."""
-    return await run_job({"mode": "code", "code": code, "entry": entry}, limits)
-
-
-async def run_workflow(
-    graph: str,
-    prompt: str,
-    inputs: dict,
-    on_call: OperatorHandler,
-    operators: list[str],
-    fmt: str = "native",
-    dataset: str = "",
-    limits: Limits = WORKFLOW_LIMITS,
-) -> SandboxResult:
-    """Run a workflow's `Workflow(...)(problem, **extras)`; its operator calls go to `on_call`."""
-    job = {"mode": "workflow", "graph": graph, "prompt": prompt, "inputs": inputs,
-           "operators": operators, "format": fmt, "dataset": dataset}
-    return await run_job(job, limits, on_call)

@@ -42,6 +42,10 @@ MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 32, 4096, 16384, 1 << 18
 PR_SET_PDEATHSIG, PR_CAPBSET_DROP, PR_SET_NO_NEW_PRIVS = 1, 24, 38
 PIDS_CGROUP_ROOT = "/sys/fs/cgroup/pids"
+# Who we are on the host, read before any user namespace can make us look like root.
+HOST_UID, HOST_GID = os.geteuid(), os.getegid()
+# Layers a zygote set up once for every child it forks (its network namespace).
+INHERITED_LAYERS = []
 
 # A workflow job runs on asyncio; importing it before confinement keeps its set-up
 # (a socketpair for the event loop) out of reach of the guard. Code jobs import nothing.
@@ -74,26 +78,44 @@ def _write(path, text):
         f.write(text)
 
 
+def _unshare_user(libc, flags):
+    """unshare(flags), adding a user namespace when not root on the host."""
+    if HOST_UID != 0:
+        flags |= CLONE_NEWUSER
+    if libc.unshare(flags) != 0:
+        return False
+    if HOST_UID != 0:
+        try:
+            _write("/proc/self/setgroups", "deny")
+            _write("/proc/self/uid_map", f"0 {HOST_UID} 1")
+            _write("/proc/self/gid_map", f"0 {HOST_GID} 1")
+        except OSError:
+            pass
+    return True
+
+
+def isolate_network():
+    """Move this process into an empty network namespace (done once by a zygote: a fresh
+    namespace per child costs more than the rest of the confinement together)."""
+    if _unshare_user(_libc(), CLONE_NEWNET):
+        INHERITED_LAYERS.extend((["userns"] if HOST_UID != 0 else []) + ["netns"])
+
+
 def enter_namespaces(workdir, layers):
     """Unshare user/mount/net/pid namespaces and make everything but workdir read-only.
 
     Returns True when a PID namespace was created: the caller must then fork, and the
     child becomes the namespace's init."""
     libc = _libc()
-    root = os.geteuid() == 0
-    uid, gid = os.geteuid(), os.getegid()
-    flags = CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | (0 if root else CLONE_NEWUSER)
-    if libc.unshare(flags) != 0:
-        return False
-    if not root:
-        try:
-            _write("/proc/self/setgroups", "deny")
-            _write("/proc/self/uid_map", f"0 {uid} 1")
-            _write("/proc/self/gid_map", f"0 {gid} 1")
-        except OSError:
-            pass
-        layers.append("userns")
-    layers.extend(["netns", "pidns"])
+    if "netns" in INHERITED_LAYERS:
+        if libc.unshare(CLONE_NEWNS | CLONE_NEWPID) != 0:
+            return False
+        layers.extend(INHERITED_LAYERS)
+    else:
+        if not _unshare_user(libc, CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID):
+            return False
+        layers.extend((["userns"] if HOST_UID != 0 else []) + ["netns"])
+    layers.append("pidns")
     if libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None) != 0:
         return True
     wd = workdir.encode()
@@ -112,7 +134,7 @@ def enter_namespaces(workdir, layers):
 
 def join_pids_cgroup(max_pids, layers):
     """As root, put this process (and so its descendants) in a pids cgroup of its own."""
-    if os.geteuid() != 0 or not os.path.isdir(PIDS_CGROUP_ROOT):
+    if HOST_UID != 0 or not os.path.isdir(PIDS_CGROUP_ROOT):
         return
     try:
         path = os.path.join(PIDS_CGROUP_ROOT, "aflow-sandbox", str(os.getpid()))
@@ -157,7 +179,7 @@ def set_rlimits(limits, own_processes, layers):
     cap(resource.RLIMIT_FSIZE, int(limits["file_size_mb"]) << 20)
     cap(resource.RLIMIT_NOFILE, 64)
     cap(resource.RLIMIT_CORE, 0)
-    if os.geteuid() != 0:
+    if HOST_UID != 0:
         # RLIMIT_NPROC counts every process of the user, so allow for those already running.
         cap(resource.RLIMIT_NPROC, own_processes + int(limits["max_processes"]))
     layers.append("rlimits")
@@ -165,7 +187,7 @@ def set_rlimits(limits, own_processes, layers):
 
 def _owned(pid):
     try:
-        return os.stat(f"/proc/{pid}").st_uid == os.geteuid()
+        return os.stat(f"/proc/{pid}").st_uid == HOST_UID
     except OSError:
         return False
 
@@ -448,5 +470,69 @@ def main():
     os._exit(0)
 
 
+def serve_zygote():
+    """Fork server: fd 0 is a SEQPACKET socket of requests carrying three pipe fds each; every
+    request forks a child that becomes an ordinary sandbox process on those pipes. Events
+    (`started`, `exited`) go out on stdout as JSON lines. Ends when the parent hangs up."""
+    import select
+    import socket
+
+    for name in WORKFLOW_PRELOAD + ("subprocess", "socket", "_socket", "posix"):
+        __import__(name)
+    control = socket.socket(fileno=0)
+    isolate_network()
+    events = os.fdopen(os.dup(1), "w", buffering=1)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    events.write(json.dumps({"type": "started", "id": 0, "pid": 0}) + "\n")
+    while True:
+        readable, _, _ = select.select([control, wake_r], [], [])
+        if wake_r in readable:
+            os.read(wake_r, 4096)
+            while True:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                events.write(json.dumps({"type": "exited", "pid": pid, "code": os.waitstatus_to_exitcode(status)}) + "\n")
+        if control not in readable:
+            continue
+        data, fds, _flags, _addr = socket.recv_fds(control, 1 << 16, 3)
+        if not data:
+            return
+        if len(fds) != 3:
+            for fd in fds:
+                os.close(fd)
+            continue
+        request = json.loads(data)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                control.close()
+                events.close()
+                os.close(wake_r)
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                for target, fd in enumerate(fds):
+                    os.dup2(fd, target)
+                    os.close(fd)
+                os.setsid()
+                os.chdir(request["workdir"])
+                os.environ.update(HOME=request["workdir"], TMPDIR=request["workdir"])
+                main()
+            finally:
+                os._exit(1)
+        for fd in fds:
+            os.close(fd)
+        events.write(json.dumps({"type": "started", "id": request["id"], "pid": pid}) + "\n")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--zygote"]:
+        serve_zygote()
+    else:
+        main()

@@ -1,0 +1,109 @@
+"""The zygote path: sandbox processes forked from a pre-started interpreter are confined
+exactly like fresh ones, the zygote holds no secrets, and losing it costs speed, not jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import sys
+import time
+
+import pytest
+
+from aflow.sandbox import Limits, Sandbox
+
+pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux-only")
+
+FAST = Limits(wall_seconds=5)
+
+
+def in_zygote(*jobs):
+    """Run (source, entry, limits) jobs through one zygote-backed Sandbox."""
+
+    async def go():
+        async with Sandbox() as sandbox:
+            assert sandbox._zygote is not None and sandbox._zygote.alive
+            results = [await sandbox.run_code(src, entry, limits) for src, entry, limits in jobs]
+            return results, sandbox._zygote._process.pid
+
+    return asyncio.run(go())
+
+
+def test_forked_children_are_confined(tmp_path, monkeypatch):
+    monkeypatch.setenv("AFLOW_TEST_SECRET", "sk-zygote-secret-0123456789")
+    target = tmp_path / "pwned"
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.setblocking(False)
+    port = listener.getsockname()[1]
+    env_probe = (
+        "import os\n"
+        "def solve():\n"
+        "    seen = str(dict(os.environ))\n"
+        "    for p in os.listdir('/proc'):\n"
+        "        if p.isdigit():\n"
+        "            try:\n"
+        "                seen += open(f'/proc/{p}/environ', 'rb').read().decode('latin1')\n"
+        "            except OSError:\n"
+        "                pass\n"
+        "    return 'LEAK' if 'sk-zygote-secret' in seen else 'clean'\n"
+    )
+    results, zygote_pid = in_zygote(
+        ("def solve():\n    return 6 * 7", "solve", FAST),
+        (f"open({str(target)!r}, 'w').write('x')", None, FAST),
+        (env_probe, "solve", FAST),
+        (f"import _socket\ns = _socket.socket()\ns.connect(('127.0.0.1', {port}))", None, FAST),
+        ("while True:\n    pass", None, Limits(wall_seconds=2)),
+        ("open('here.txt', 'w').write('ok')\ndef solve():\n    return open('here.txt').read()", "solve", FAST),
+    )
+    ok, write, env, net, hang, local = results
+    assert (ok.ok, ok.value) == (True, "42")
+    assert not write.ok and "Read-only file system" in write.error and not target.exists()
+    assert (env.ok, env.value) == (True, "clean")
+    assert not net.ok and "socket" in net.error.lower()
+    with pytest.raises(BlockingIOError):
+        listener.accept()
+    assert not hang.ok and "timed out" in hang.error
+    assert (local.ok, local.value) == (True, "ok")
+    assert "netns" in ok.isolation or os.geteuid() != 0
+    # The zygote stopped with the sandbox, and never held the secret.
+    time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{zygote_pid}") or open(f"/proc/{zygote_pid}/stat").read().split()[2] == "Z"
+
+
+def test_zygote_environment_is_scrubbed(monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-should-not-reach-the-zygote-000")
+
+    async def go():
+        async with Sandbox() as sandbox:
+            pid = sandbox._zygote._process.pid
+            return open(f"/proc/{pid}/environ", "rb").read()
+
+    environ = asyncio.run(go())
+    assert b"sk-should-not-reach" not in environ
+    assert b"OPENAI_API_KEY" not in environ
+
+
+def test_jobs_survive_the_zygote_dying():
+    async def go():
+        async with Sandbox() as sandbox:
+            first = await sandbox.run_code("def solve():\n    return 1", "solve", FAST)
+            sandbox._zygote._process.kill()
+            await sandbox._zygote._process.wait()
+            second = await sandbox.run_code("def solve():\n    return 2", "solve", FAST)
+            return first, second
+
+    first, second = asyncio.run(go())
+    assert (first.value, second.value) == ("1", "2")
+
+
+def test_concurrent_jobs_get_their_own_answers():
+    async def go():
+        async with Sandbox() as sandbox:
+            return await asyncio.gather(*(
+                sandbox.run_code(f"def solve():\n    return {i} * {i}", "solve", FAST) for i in range(40)))
+
+    results = asyncio.run(go())
+    assert [r.value for r in results] == [str(i * i) for i in range(40)]
