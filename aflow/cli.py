@@ -20,9 +20,10 @@ from aflow import embedded
 from aflow.benchmarks import BENCHMARKS, SPLITS, DataError, resolve_data_dir
 from aflow.config import EvalConfig, LLMConfig
 from aflow.llm import ExecutorError, LLMClient
+from aflow.search.workspace import WorkspaceMismatch
 from aflow.workflows import GOLD, WorkflowNotFound
 
-SETUP_ERRORS = (DataError, ExecutorError, WorkflowNotFound, embedded.EmbeddedUnavailable)
+SETUP_ERRORS = (DataError, ExecutorError, WorkflowNotFound, WorkspaceMismatch, embedded.EmbeddedUnavailable)
 
 
 def _add_endpoint_args(parser: argparse.ArgumentParser, role: str) -> None:
@@ -51,14 +52,44 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", default=None, help="directory for results.jsonl and summary.json")
     ev.add_argument("--json", action="store_true", help="print the summary as one JSON line last")
 
+    op = sub.add_parser("optimize", help="AFlow search: evolve a workflow on a benchmark's validation split")
+    op.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
+    op.add_argument("--workspace", required=True, help="run directory (created, or continued with --resume)")
+    op.add_argument("--rounds", type=int, default=10)
+    op.add_argument("--validation-rounds", type=int, default=3)
+    op.add_argument("--limit", type=int, default=None, help="cap the validation problems (cheap runs)")
+    op.add_argument("--data-dir", default=None, help="AFlow JSONL directory (default: $AFLOW_DATA_DIR)")
+    _add_endpoint_args(op, "optimizer")
+    _add_endpoint_args(op, "executor")
+    op.add_argument("--value-provider", choices=("none", "empirical", "model"), default="none")
+    op.add_argument("--value-weight", type=float, default=0.0)
+    op.add_argument("--value-base-url", default=None, help="endpoint of the model value (default: the optimizer's)")
+    op.add_argument("--value-model", default=None)
+    op.add_argument("--selection", choices=("aflow", "ucb"), default="aflow")
+    op.add_argument("--seed", type=int, default=0)
+    op.add_argument("--concurrency", type=int, default=8)
+    op.add_argument("--initial-workflow", default="builtin:io")
+    op.add_argument("--max-retries", type=int, default=3, help="optimizer answers tried per round")
+    op.add_argument("--convergence-rounds", type=int, default=5)
+    op.add_argument("--cache-path", default=None)
+    op.add_argument("--resume", action="store_true", help="continue the search in --workspace")
+    op.add_argument("--test", action="store_true", help="then score the best workflows on the test split, "
+                                                        "write report.md and plot.png")
+    op.add_argument("--test-limit", type=int, default=None, help="cap the test problems of --test")
+    op.add_argument("--json", action="store_true", help="print the result as one JSON line last")
+
     serve = sub.add_parser("serve-executor", help="serve SmolLM2-135M over an OpenAI-compatible API on 127.0.0.1")
     serve.add_argument("--port", type=int, default=8848)
     return parser
 
 
 def executor_config(args: argparse.Namespace) -> LLMConfig:
-    config = LLMConfig(base_url=args.executor_base_url or "", model=args.executor_model or "",
-                       api_key_env=args.executor_api_key_env)
+    return endpoint_config(args, "executor")
+
+
+def endpoint_config(args: argparse.Namespace, role: str, **overrides) -> LLMConfig:
+    config = LLMConfig(base_url=getattr(args, f"{role}_base_url") or "", model=getattr(args, f"{role}_model") or "",
+                       api_key_env=getattr(args, f"{role}_api_key_env"), **overrides)
     if getattr(args, "no_cache", False):
         config.cache = False
     if getattr(args, "cache_path", None):
@@ -110,6 +141,78 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+OPTIMIZER_DEFAULTS = {"temperature": 0.7, "max_tokens": 1024}
+
+
+@contextlib.contextmanager
+def search_endpoints(args: argparse.Namespace):
+    """(executor, optimizer) configs. Neither given: the embedded server is both; only the
+    executor given: it optimizes too; only the optimizer given: the embedded one executes."""
+    executor = endpoint_config(args, "executor")
+    optimizer = endpoint_config(args, "optimizer", **OPTIMIZER_DEFAULTS)
+    for config, role in ((executor, "executor"), (optimizer, "optimizer")):
+        if config.base_url and not config.model:
+            raise ExecutorError(f"--{role}-model is required with --{role}-base-url")
+    if not optimizer.base_url and executor.base_url:
+        optimizer.base_url, optimizer.model, optimizer.api_key_env = executor.base_url, executor.model, executor.api_key_env
+    if executor.base_url:
+        yield executor, optimizer
+        return
+    print("aflow: no executor configured; starting the embedded SmolLM2-135M server", file=sys.stderr)
+    with embedded.start() as server:
+        executor.base_url, executor.model = server.base_url, server.model
+        if not optimizer.base_url:
+            optimizer.base_url, optimizer.model = server.base_url, server.model
+        yield executor, optimizer
+
+
+async def _optimize(args: argparse.Namespace, executor_cfg: LLMConfig, optimizer_cfg: LLMConfig) -> dict:
+    from aflow.search.optimizer import Search, SearchConfig
+    from aflow.search.report import plot, test_best, write_report
+    from aflow.search.selection import SelectionConfig
+
+    config = SearchConfig(
+        benchmark=args.benchmark, workspace=Path(args.workspace), rounds=args.rounds,
+        validation_rounds=args.validation_rounds, limit=args.limit, data_dir=resolve_data_dir(args.data_dir),
+        concurrency=args.concurrency, initial_workflow=args.initial_workflow, max_retries=args.max_retries,
+        convergence_rounds=args.convergence_rounds, seed=args.seed, value_provider=args.value_provider,
+        selection=SelectionConfig(rule=args.selection, value_weight=args.value_weight),
+    )
+    if args.cache_path:
+        executor_cfg.cache_path = optimizer_cfg.cache_path = Path(args.cache_path)
+    clients = [LLMClient(executor_cfg), LLMClient(optimizer_cfg)]
+    if args.value_provider == "model":
+        value_cfg = LLMConfig(base_url=args.value_base_url or optimizer_cfg.base_url,
+                              model=args.value_model or optimizer_cfg.model, api_key_env=optimizer_cfg.api_key_env)
+        clients.append(LLMClient(value_cfg))
+    try:
+        search = Search(config, clients[0], clients[1], clients[2] if len(clients) > 2 else None)
+        result = await search.run(resume=args.resume)
+        if args.test:
+            scores = await test_best(search.tree, config.workspace, config.benchmark, clients[0],
+                                     config.data_dir, args.test_limit, config.concurrency)
+            result.test_score = scores.get(result.best_round)
+            results = search.workspace.read_results()
+            plot(results, config.workspace / "plot.png")
+            write_report(results, scores, config.workspace)
+        return asdict(result)
+    finally:
+        for client in clients:
+            await client.close()
+
+
+def cmd_optimize(args: argparse.Namespace) -> int:
+    with search_endpoints(args) as (executor_cfg, optimizer_cfg):
+        result = asyncio.run(_optimize(args, executor_cfg, optimizer_cfg))
+    test = f", test {result['test_score']:.4f}" if result.get("test_score") is not None else ""
+    print(f"{args.benchmark}: {result['rounds_done']} rounds, best round {result['best_round']} "
+          f"(validation {result['best_validation_score']:.4f}{test}), ${result['total_cost_usd']:.4f}, "
+          f"{result['calls']} calls, {result['wall_s']:.1f}s; workspace {args.workspace}")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     server = embedded.start(port=args.port)
     print(server.base_url, flush=True)
@@ -132,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "optimize":
+            return cmd_optimize(args)
         return cmd_serve(args)
     except SETUP_ERRORS as exc:
         print(f"aflow: error: {exc}", file=sys.stderr)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +44,26 @@ class JsonlAppender:
 
     def close(self) -> None:
         self._file.close()
+
+
+def open_sqlite(path: str | os.PathLike, schema: str | None = None, attempts: int = 50) -> sqlite3.Connection:
+    """A connection to a database shared by several processes (WAL, a busy timeout).
+
+    Switching a new file to WAL or creating its table can fail with "database is locked"
+    when several processes open it at the same moment, before the busy timeout applies;
+    those first steps are retried with a short backoff."""
+    for attempt in range(attempts):
+        db = sqlite3.connect(str(path), timeout=60)
+        try:
+            db.execute("PRAGMA busy_timeout = 60000")
+            db.execute("PRAGMA journal_mode=WAL")
+            if schema:
+                with db:
+                    db.execute(schema)
+            return db
+        except sqlite3.OperationalError as exc:
+            db.close()
+            if "locked" not in str(exc) or attempt == attempts - 1:
+                raise
+            time.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")

@@ -14,11 +14,13 @@ import os
 import random
 import sqlite3
 import time
+from contextlib import closing
 from dataclasses import dataclass
 
 import openai
 
 from aflow.config import LLMConfig
+from aflow.files import open_sqlite
 
 
 class ExecutorError(RuntimeError):
@@ -56,13 +58,10 @@ class ResponseCache:
     def __init__(self, path):
         self.path = str(path)
         os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
-        with self._connect() as db:
-            db.execute("CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, value TEXT)")
+        self._connect().close()
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=30)
-        db.execute("PRAGMA journal_mode=WAL")
-        return db
+        return open_sqlite(self.path, "CREATE TABLE IF NOT EXISTS responses (key TEXT PRIMARY KEY, value TEXT)")
 
     @staticmethod
     def key(model: str, messages: list[dict], params: dict) -> str:
@@ -70,12 +69,12 @@ class ResponseCache:
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def get(self, key: str) -> dict | None:
-        with self._connect() as db:
+        with closing(self._connect()) as db, db:
             row = db.execute("SELECT value FROM responses WHERE key = ?", (key,)).fetchone()
         return json.loads(row[0]) if row else None
 
     def put(self, key: str, value: dict) -> None:
-        with self._connect() as db:
+        with closing(self._connect()) as db, db:
             db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?)", (key, json.dumps(value)))
 
 
@@ -189,7 +188,7 @@ class LLMClient:
         assert last is not None
         raise LLMCallError(f"{self.config.model} at {self.config.base_url}: {describe(last)}") from last
 
-    async def check(self) -> None:
+    async def check(self, role: str = "executor") -> None:
         """Fail fast with one line when the endpoint cannot be reached at all."""
         started = time.monotonic()
         try:
@@ -197,13 +196,13 @@ class LLMClient:
         except openai.APIStatusError as exc:
             if exc.status_code in (401, 403):  # a wrong key would otherwise fail every problem, silently scored 0
                 raise ExecutorError(
-                    f"executor {self.config.base_url} rejected the API key from "
+                    f"{role} {self.config.base_url} rejected the API key from "
                     f"{self.config.key_env() or 'no variable (none sent)'}: {' '.join(describe(exc).split())}"
                 ) from exc
             return  # it answered; some servers just do not implement /models
         except Exception as exc:  # anything else means nothing is listening
             raise ExecutorError(
-                f"executor {self.config.base_url} is not reachable ({describe(exc)}, {time.monotonic() - started:.1f}s)"
+                f"{role} {self.config.base_url} is not reachable ({describe(exc)}, {time.monotonic() - started:.1f}s)"
             ) from exc
 
 

@@ -1,0 +1,75 @@
+"""Optimizer text -> an action. One function, used by `aflow optimize` and by the RL environment.
+
+The optimizer (a big LLM, or the policy being trained) answers in tags:
+
+    <modification>one sentence: what changes and why</modification>
+    <graph>the full graph.py</graph>
+    <prompt>the full prompt.py</prompt>
+
+Anything else is tolerated where the intent is clear (code fences inside tags, a missing
+<prompt> meaning "keep the parent's", a bare ```python block defining class Workflow) and
+rejected with a reason otherwise. Never raises.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from aflow import parsing
+from aflow.workflows import WorkflowCheckError, WorkflowCode, from_source
+
+MAX_ANSWER_CHARS = 200_000
+
+
+@dataclass(frozen=True)
+class Action:
+    modification: str
+    graph: str
+    prompt: str
+    is_valid: bool
+    reason: str = ""  # why it was rejected
+    workflow: WorkflowCode | None = None  # the checked (and, for AFlow rounds, converted) code
+
+
+def normalize_modification(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", " ", text.lower()).strip()
+
+
+def _code_in(text: str | None) -> str | None:
+    if text is None:
+        return None
+    blocks = parsing.code_blocks(text)
+    return (blocks[0] if blocks else text).strip("\n")
+
+
+def project(text: str, parent_graph: str = "", parent_prompt: str = "",
+            tried: set[str] | frozenset[str] = frozenset()) -> Action:
+    """Parse and check one optimizer answer against its parent and what was tried from it."""
+    text = str(text or "")
+    if len(text) > MAX_ANSWER_CHARS:
+        return Action("", "", "", False, f"answer is {len(text)} characters (limit {MAX_ANSWER_CHARS})")
+    tagged = parsing.extract_tag(text, "modification")
+    modification = (tagged or "").strip()
+    graph = _code_in(parsing.extract_tag(text, "graph"))
+    if graph is None:
+        defining = [b for b in parsing.code_blocks(text) if "class Workflow" in b]
+        graph = defining[0].strip("\n") if defining else None
+    if not graph:
+        return Action(modification, "", "", False, "no <graph> with a class Workflow in the answer")
+    prompt = _code_in(parsing.extract_tag(text, "prompt"))
+    prompt = parent_prompt if prompt is None else prompt
+    if tagged is None:  # no tag at all: the leading sentence of prose describes the change
+        before = re.sub(r"<[^>]*>", "", text.split("<graph>")[0].split("```")[0]).strip()
+        modification = before.splitlines()[0][:300] if before else ""
+    if not modification:
+        return Action("", graph, prompt, False, "no <modification> describing the change")
+    if normalize_modification(modification) in tried:
+        return Action(modification, graph, prompt, False, "this modification was already tried from this node")
+    if graph.strip() == parent_graph.strip() and prompt.strip() == parent_prompt.strip():
+        return Action(modification, graph, prompt, False, "graph and prompt are unchanged from the parent")
+    try:
+        workflow = from_source(graph, prompt, name="candidate")
+    except WorkflowCheckError as exc:
+        return Action(modification, graph, prompt, False, f"rejected by the static checks: {exc}")
+    return Action(modification, graph, prompt, True, "", workflow)

@@ -1,0 +1,69 @@
+"""What the optimizer reads when it expands a node."""
+
+from __future__ import annotations
+
+from aflow.operators import catalogue
+from aflow.search.experience import Experience
+
+OPTIMIZER_PROMPT = """You improve agentic workflows for the {benchmark} benchmark. A workflow is Python code:
+graph.py defines `class Workflow` whose `async def __call__(self, problem{extra_args})` returns the
+answer, calling operators imported from `aflow_ops`; prompt.py holds the prompt strings it uses
+(imported as `import prompt`). Allowed imports: aflow_ops, prompt, asyncio, re, json, math, typing,
+collections, itertools, functools, random, string.
+
+Operators (construct with no arguments, e.g. `self.custom = Custom()`, then `await self.custom(...)`):
+{operators}
+
+Current workflow (validation score {score:.4f}):
+<graph>
+{graph}
+</graph>
+<prompt>
+{prompt}
+</prompt>
+
+Modifications already tried from this workflow:
+{experience}
+
+Problems it currently gets wrong:
+{failures}
+
+Propose ONE new modification (not one already tried), then write the complete new files.
+Answer exactly in this format:
+<modification>one sentence: what you change and why</modification>
+<graph>
+the complete new graph.py
+</graph>
+<prompt>
+the complete new prompt.py
+</prompt>"""
+
+
+def format_experience(records: list[Experience]) -> str:
+    if not records:
+        return "(none yet)"
+    lines = []
+    for record in records:
+        verdict = "improved" if record.success else "did not improve"
+        lines.append(f"- {record.modification} ({verdict}: {record.score_before:.4f} -> {record.score_after:.4f})")
+    return "\n".join(lines)
+
+
+def format_failures(failures: list[dict], limit: int = 3, chars: int = 600) -> str:
+    if not failures:
+        return "(none recorded)"
+    parts = []
+    for case in failures[:limit]:
+        why = case.get("error") or case.get("score_reason") or f"score {case.get('score', 0):.2f}"
+        parts.append(f"- input: {str(case.get('input', ''))[:chars]}\n  output: {str(case.get('output', ''))[:chars]}"
+                     f"\n  problem: {str(why)[:300]}")
+    return "\n".join(parts)
+
+
+def optimizer_prompt(benchmark: str, graph: str, prompt: str, score: float, experience: list[Experience],
+                     failures: list[dict], code_benchmark: bool = False) -> str:
+    return OPTIMIZER_PROMPT.format(
+        benchmark=benchmark, extra_args=", entry_point" if code_benchmark else "", operators=catalogue(),
+        score=score, graph=graph.strip(), prompt=prompt.strip(), experience=format_experience(experience),
+        failures=format_failures(failures),
+    )

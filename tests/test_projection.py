@@ -1,0 +1,93 @@
+"""The projection from optimizer text to an action, on good and malformed answers."""
+
+import pytest
+
+from aflow.search.projection import normalize_modification, project
+
+PARENT_GRAPH = "from aflow_ops import Custom\nimport prompt\n\nclass Workflow:\n    def __init__(self):\n        self.custom = Custom()\n\n    async def __call__(self, problem):\n        return (await self.custom(input=problem, instruction=prompt.A))['response']\n"
+PARENT_PROMPT = "A = 'Solve it.'\n"
+NEW_GRAPH = PARENT_GRAPH.replace("prompt.A", "prompt.B")
+NEW_PROMPT = "B = 'Solve it step by step and end with the number.'\n"
+
+
+def answer(modification="Ask for step-by-step reasoning.", graph=NEW_GRAPH, prompt=NEW_PROMPT):
+    parts = []
+    if modification is not None:
+        parts.append(f"<modification>{modification}</modification>")
+    if graph is not None:
+        parts.append(f"<graph>\n```python\n{graph}```\n</graph>")
+    if prompt is not None:
+        parts.append(f"<prompt>\n{prompt}</prompt>")
+    return "\n".join(parts)
+
+
+def test_valid_answer_becomes_a_checked_workflow():
+    action = project(answer(), PARENT_GRAPH, PARENT_PROMPT)
+    assert action.is_valid, action.reason
+    assert action.graph.strip() == NEW_GRAPH.strip() and action.prompt.strip() == NEW_PROMPT.strip()
+    assert action.workflow is not None and action.workflow.format == "native"
+
+
+def test_missing_prompt_keeps_the_parents():
+    graph = PARENT_GRAPH.replace("prompt.A", "prompt.A + ' Be brief.'")
+    action = project(answer(graph=graph, prompt=None), PARENT_GRAPH, PARENT_PROMPT)
+    assert action.is_valid and action.prompt == PARENT_PROMPT
+
+
+@pytest.mark.parametrize("text,reason", [
+    ("", "no <graph>"),
+    ("I think we should add an ensemble.", "no <graph>"),
+    (answer(graph=None), "no <graph>"),
+    (answer(graph=NEW_GRAPH[:60]), "static checks"),  # truncated code
+    (answer(graph="class Workflow:\n    async def __call__(self, problem)\n        return 1\n"), "does not parse"),
+    (answer(graph="import os\n" + NEW_GRAPH), "import of 'os'"),
+    (answer(graph=NEW_GRAPH.replace("import prompt", "import prompt\nx = eval('1')")), "eval"),
+    (answer(modification="", graph=NEW_GRAPH), "no <modification>"),
+    (answer(graph=PARENT_GRAPH, prompt=PARENT_PROMPT), "unchanged"),
+    ("<modification>x</modification><graph>class Foo:\n    pass\n</graph>", "no class Workflow"),
+])
+def test_malformed_answers_are_rejected_with_a_reason(text, reason):
+    action = project(text, PARENT_GRAPH, PARENT_PROMPT)
+    assert not action.is_valid
+    assert reason in action.reason
+
+
+def test_unicode_is_fine():
+    action = project(answer(modification="Añadir razonamiento paso a paso ✓",
+                            prompt="B = 'Résous étape par étape — 步骤'\n"), PARENT_GRAPH, PARENT_PROMPT)
+    assert action.is_valid, action.reason
+    assert "步骤" in action.prompt
+
+
+def test_a_one_megabyte_answer_is_rejected_quickly():
+    action = project("<modification>" + "x" * 1_000_000 + "</modification>", PARENT_GRAPH, PARENT_PROMPT)
+    assert not action.is_valid and "characters" in action.reason
+
+
+def test_a_modification_tried_before_is_rejected():
+    tried = {normalize_modification("Ask for step-by-step reasoning!")}
+    action = project(answer(), PARENT_GRAPH, PARENT_PROMPT, tried)
+    assert not action.is_valid and "already tried" in action.reason
+
+
+def test_unclosed_graph_tag_at_the_end_still_parses():
+    text = f"<modification>Use step by step.</modification>\n<prompt>\n{NEW_PROMPT}</prompt>\n<graph>\n{NEW_GRAPH}"
+    action = project(text, PARENT_GRAPH, PARENT_PROMPT)
+    assert action.is_valid, action.reason
+
+
+def test_aflow_round_format_is_accepted_and_converted():
+    aflow_graph = (
+        "import workspace.GSM8K.workflows.template.operator as operator\n"
+        "import workspace.GSM8K.workflows.round_2.prompt as prompt_custom\n"
+        "from metagpt.provider.llm_provider_registry import create_llm_instance\n\n"
+        "class Workflow:\n"
+        "    def __init__(self, name, llm_config, dataset):\n"
+        "        self.llm = create_llm_instance(llm_config)\n"
+        "        self.custom = operator.Custom(self.llm)\n\n"
+        "    async def __call__(self, problem):\n"
+        "        r = await self.custom(input=problem, instruction=prompt_custom.B)\n"
+        "        return r['response'], 0.0\n")
+    action = project(answer(graph=aflow_graph), PARENT_GRAPH, PARENT_PROMPT)
+    assert action.is_valid, action.reason
+    assert action.workflow.format == "aflow" and "aflow_ops" in action.workflow.graph
