@@ -192,3 +192,37 @@ def test_two_rounds_with_the_embedded_model_write_the_whole_workspace(tmp_path, 
     assert len((workspace / "round_1" / "log.jsonl").read_text().splitlines()) == 2
     round_2 = json.loads((workspace / "round_2" / "scores.json").read_text())
     assert round_2["status"] in ("evaluated", "rejected")  # SmolLM2 rarely writes a valid workflow
+
+
+def test_search_stops_when_the_top_scores_converge(tmp_path, data_dir):
+    """Every modification scores the same: after `convergence-rounds` flat rounds the search stops."""
+    with FakeOpenAI(reply=scripted_reply()) as server:
+        run = subprocess.run(optimize(tmp_path / "ws", server, "--rounds", "10", "--convergence-rounds", "2",
+                                      data_dir=data_dir), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["converged"] is True and result["rounds_done"] == 3
+    assert "converged" in run.stderr
+
+
+@pytest.mark.parametrize("provider", ["model", "empirical"])
+def test_value_providers_feed_selection(tmp_path, data_dir, provider):
+    inner = scripted_reply()
+
+    def reply(messages):
+        if "How likely is it that one modification" in messages[0]["content"]:
+            return "0.9"
+        return inner(messages)
+
+    with FakeOpenAI(reply=reply) as server:
+        run = subprocess.run(optimize(tmp_path / "ws", server, "--rounds", "3", "--value-provider", provider,
+                                      "--value-weight", "0.5", data_dir=data_dir),
+                             capture_output=True, text=True, timeout=300)
+        value_calls = [r for r in server.chat_requests if "How likely" in r.body["messages"][0]["content"]]
+    assert run.returncode == 0, run.stderr[-2000:]
+    selections = [json.loads(line)["selection"] for line in (tmp_path / "ws" / "expansions.jsonl").read_text().splitlines()]
+    assert all(s["values"] for s in selections)
+    if provider == "model":
+        assert selections[0]["values"] == [0.9] and len(value_calls) == 2  # one per node, cached after
+    else:
+        assert not value_calls and selections[-1]["values"][0] == 0.5  # root's child did not improve: 0.5 + 0
