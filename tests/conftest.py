@@ -28,3 +28,21 @@ def fake_openai():
     through its attributes and `add_faults`. Stopped, threads joined, after the test."""
     with FakeOpenAI() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def embedded_executor():
+    """The real embedded SmolLM2 server (llama.cpp on 127.0.0.1), shared by a test session."""
+    from aflow import embedded
+
+    with embedded.start() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster for the session (2 CPUs: the size of this machine)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="aflow-rl-tests")
+    yield ray
+    ray.shutdown()

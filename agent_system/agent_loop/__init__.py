@@ -1,0 +1,1 @@
+"""verl agent loops and their CPU stand-ins."""

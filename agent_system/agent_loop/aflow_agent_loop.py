@@ -1,0 +1,158 @@
+"""`AFlowAgentLoop`: one AFlow episode per parquet row, as one sequence for verl's classic trainer.
+
+Each turn the policy generates through verl's `server_manager` (vLLM on GPUs, the CPU
+backend here), the text goes to the row's `AFlowWorker`, and the environment's reply is
+appended as a user message whose tokens are masked 0. The output carries the episode
+reward (so verl skips reward workers) and, for workflow-GiGPO, each turn's token span,
+anchor state and step reward in `extra_fields`. A worker that dies or times out ends the
+episode as failed with the reason; the trainer gets an output either way and never hangs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+from uuid import uuid4
+
+from omegaconf import DictConfig, OmegaConf
+from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register
+
+from agent_system.config import EnvConfig
+from agent_system.environments.env_package.aflow.manager import AFlowEnvironmentManager
+from agent_system.environments.env_package.aflow.worker import route, worker_handle
+from agent_system.reward import episode_reward, operators_used
+
+logger = logging.getLogger(__name__)
+
+
+def env_config_of(config: Any) -> dict:
+    section = config.get("env") if hasattr(config, "get") else None
+    if section is None:
+        return {}
+    return OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
+
+
+@register("aflow_agent")
+class AFlowAgentLoop(AgentLoopBase):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.env_dict = env_config_of(self.config)
+        self.env_cfg = EnvConfig.from_dict(self.env_dict)
+        self.response_length = self.rollout_config.response_length
+        self.actor_timeout = self.env_cfg.actor_timeout_s
+
+    async def _call(self, ref):
+        return await asyncio.wait_for(ref, timeout=self.actor_timeout)
+
+    async def run(self, sampling_params: dict[str, Any], **kwargs) -> AgentLoopOutput:
+        started = time.monotonic()
+        row = {k: kwargs.get(k) for k in ("extra_info", "reward_model", "data_source", "index")}
+        row["extra_info"] = dict(row["extra_info"] or {})
+        uid = str(kwargs.get("uid") or uuid4())
+        benchmark = row["extra_info"].get("benchmark") or str(row.get("data_source") or "").split("/")[-1]
+        worker = worker_handle(route(self.env_cfg, benchmark, uid), self.env_dict)
+        episode_id = uuid4().hex
+        manager = AFlowEnvironmentManager(self.env_cfg.history_length)
+        failed: str | None = None
+        try:
+            reset = await self._call(worker.reset.remote(episode_id, uid, row))
+        except Exception as exc:  # a dead, hung or misconfigured worker fails this episode only
+            return self._failed_output(list(kwargs["raw_prompt"]), f"reset failed: {_reason(exc)}")
+
+        messages = [manager.user_message(reset["observation"])]
+        prompt_ids = await self.ct_build_initial_tokens(messages)
+        response_mask: list[int] = []
+        logprobs: list[float] = []
+        spans, anchors, step_rewards = [], [], []
+        generate_s = env_s = 0.0
+        for _ in range(self.env_cfg.max_turns):
+            t0 = time.monotonic()
+            output = await self.server_manager.generate(request_id=uuid4().hex, prompt_ids=prompt_ids,
+                                                        sampling_params=sampling_params)
+            generate_s += time.monotonic() - t0
+            start = len(response_mask)
+            merged, response_mask, merged_logprobs = await self.ct_merge_assistant_token(
+                prompt_ids, output.token_ids, response_mask, logprobs if (logprobs or output.log_probs) else None,
+                assistant_logprobs=output.log_probs or None)
+            prompt_ids = merged.token_ids
+            logprobs = merged_logprobs or []
+            spans.append([start, len(response_mask)])
+            text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True)
+            messages.append({"role": "assistant", "content": text})
+            t0 = time.monotonic()
+            try:
+                step = await self._call(worker.step.remote(episode_id, text))
+            except Exception as exc:  # the environment failed mid-episode
+                failed = f"step failed: {_reason(exc)}"
+                anchors.append("")
+                step_rewards.append(0.0)
+                break
+            finally:
+                env_s += time.monotonic() - t0
+            anchors.append(step["info"]["anchor"])
+            step_rewards.append(float(step["reward"]))
+            manager.record(text, step["reward"], step["info"])
+            if step["done"] or len(response_mask) >= self.response_length:
+                break
+            previous = list(messages)
+            messages.append(manager.user_message(step["observation"]))
+            merged, response_mask, merged_logprobs = await self.ct_merge_context_msg(
+                previous, messages, prompt_ids, response_mask, logprobs or None)
+            prompt_ids = merged.token_ids
+            logprobs = merged_logprobs or []
+            if len(response_mask) >= self.response_length:
+                break
+
+        try:
+            summary = await self._call(worker.close.remote(episode_id, failed))
+        except Exception as exc:
+            failed = failed or f"close failed: {_reason(exc)}"
+            summary = {}
+        if failed:
+            reward, components = 0.0, {"return": 0.0}
+        else:
+            reward, components = episode_reward(summary, self.env_cfg.reward)
+        n = len(response_mask)
+        response_ids = prompt_ids[-n:] if n else []
+        prefix = prompt_ids[: len(prompt_ids) - n]
+        return AgentLoopOutput(
+            prompt_ids=prefix,
+            response_ids=response_ids[: self.response_length],
+            response_mask=response_mask[: self.response_length],
+            response_logprobs=logprobs[: self.response_length] if logprobs else None,
+            reward_score=float(reward),
+            num_turns=len(messages),
+            metrics=AgentLoopMetrics(generate_sequences=generate_s, tool_calls=env_s),
+            extra_fields={
+                "turn_spans": [[a, min(b, self.response_length)] for a, b in spans if a < self.response_length],
+                "anchors": anchors[: len(spans)],
+                "step_rewards": step_rewards[: len(spans)],
+                "episode_failed": failed or "",
+                "reward_components": components,
+                "final_operators": sorted(operators_used(summary.get("final_graph", ""))),
+                "episode_seconds": time.monotonic() - started,
+            },
+        )
+
+    def _failed_output(self, messages: list[dict], reason: str) -> AgentLoopOutput:
+        """An episode the environment could not start: the seed prompt, one masked token, reward 0."""
+        logger.warning("AFlow episode failed: %s", reason)
+        prompt_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        if not isinstance(prompt_ids, list):
+            prompt_ids = list(prompt_ids["input_ids"])
+        filler = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
+        return AgentLoopOutput(
+            prompt_ids=prompt_ids[-self.rollout_config.prompt_length:], response_ids=[filler], response_mask=[0],
+            reward_score=0.0, num_turns=1, metrics=AgentLoopMetrics(),
+            extra_fields={"turn_spans": [], "anchors": [], "step_rewards": [], "episode_failed": reason,
+                          "reward_components": {"return": 0.0}, "final_operators": [], "episode_seconds": 0.0},
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, asyncio.TimeoutError):
+        return "the environment worker did not answer in time"
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"

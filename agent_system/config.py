@@ -1,0 +1,82 @@
+"""The `env:` section of the training config, as dataclasses with every default in one place.
+
+verl rejects unknown keys under its own sections, so everything the AFlow environment
+needs lives under a top-level `env:` key of the hydra config; `EnvConfig.from_dict` reads it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+
+@dataclass
+class EndpointConfig:
+    base_url: str = ""  # empty: the embedded SmolLM2 server (CPU) — set a real one on a cluster
+    model: str = ""
+    api_key_env: str | None = None
+    max_tokens: int = 512
+
+
+@dataclass
+class RewardConfig:
+    """Episode return plus shaping; every shaping weight is 0 except the format penalty."""
+
+    format_penalty: float = 0.1  # subtracted per invalid (unparseable or rejected) action
+    cost_penalty: float = 0.0  # per USD of executor cost in the episode
+    variety_weight: float = 0.0  # bonus per distinct operator used by the final workflow (WA-GRPO)
+    diversity_weight: float = 0.0  # bonus for differing from the other workflows of the group (WA-GRPO)
+    judge: EndpointConfig | None = None  # optional LLM judge for QA answers (query mode)
+
+
+@dataclass
+class GiGPOConfig:
+    step_advantage_w: float = 1.0
+    gamma: float = 0.95
+    epsilon: float = 1e-6
+
+
+@dataclass
+class EnvConfig:
+    mode: str = "task"  # "task": a multi-turn AFlow optimization episode; "query": one problem per episode
+    max_turns: int = 3
+    eval_subset_size: int = 20  # validation problems that score a task-mode step
+    history_length: int = 2  # past turns shown in the observation
+    num_workers: int = 4  # AFlowWorker actors
+    resources_per_worker: dict[str, float] = field(default_factory=lambda: {"num_cpus": 0.5, "num_gpus": 0.0})
+    executor: EndpointConfig = field(default_factory=EndpointConfig)
+    data_dir: str | None = None  # AFlow JSONL directory on the workers' machines
+    concurrency: int = 8  # problems evaluated at once inside one worker
+    initial_workflow: str = "builtin:io"
+    max_action_chars: int = 20_000
+    actor_timeout_s: float = 1800.0  # a reset may first score the initial workflow on the whole subset
+    seed: int = 0
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    gigpo: GiGPOConfig = field(default_factory=GiGPOConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> EnvConfig:
+        """Build from the (OmegaConf-resolved) `env:` mapping; unknown keys are an error."""
+        return _build(cls, dict(data or {}), "env")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+NESTED = {"executor": EndpointConfig, "reward": RewardConfig, "gigpo": GiGPOConfig, "judge": EndpointConfig}
+
+
+def _build(cls, data: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) in {where}: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    values = {}
+    for name, value in data.items():
+        if name in NESTED and isinstance(value, dict):
+            value = _build(NESTED[name], dict(value), f"{where}.{name}")
+        values[name] = value
+    config = cls(**values)
+    if isinstance(config, EnvConfig) and config.mode not in ("task", "query"):
+        raise ValueError(f"env.mode must be 'task' or 'query', not {config.mode!r}")
+    return config

@@ -1,0 +1,55 @@
+"""What the policy reads. Task mode reuses `aflow optimize`'s optimizer prompt, so a policy
+trained here is prompted the same way when it later serves as the optimizer of a search."""
+
+from __future__ import annotations
+
+from aflow.operators import catalogue
+from aflow.search.prompts import optimizer_prompt
+
+QUERY_PROMPT = """Write an agentic workflow that solves this {benchmark} problem. A workflow is Python code:
+graph.py defines `class Workflow` whose `async def __call__(self, problem{extra_args})` returns the
+answer, calling operators imported from `aflow_ops`; prompt.py holds the prompt strings it uses
+(imported as `import prompt`). Allowed imports: aflow_ops, prompt, asyncio, re, json, math, typing,
+collections, itertools, functools, random, string.
+
+Operators (construct with no arguments, e.g. `self.custom = Custom()`, then `await self.custom(...)`):
+{operators}
+
+Problem:
+{problem}
+
+A workflow to start from:
+<graph>
+{graph}
+</graph>
+<prompt>
+{prompt}
+</prompt>
+{feedback}
+Answer exactly in this format:
+<modification>one sentence: what your workflow does</modification>
+<graph>
+the complete graph.py
+</graph>
+<prompt>
+the complete prompt.py
+</prompt>"""
+
+
+def task_observation(benchmark: str, graph: str, prompt: str, score: float, experience, failures,
+                     code_benchmark: bool) -> str:
+    return optimizer_prompt(benchmark, graph, prompt, score, experience, failures, code_benchmark)
+
+
+def query_observation(benchmark: str, problem: str, graph: str, prompt: str, code_benchmark: bool,
+                      feedback: str = "") -> str:
+    return QUERY_PROMPT.format(benchmark=benchmark, extra_args=", entry_point" if code_benchmark else "",
+                               operators=catalogue(), problem=problem[:6000], graph=graph.strip(),
+                               prompt=prompt.strip(), feedback=f"\n{feedback}\n" if feedback else "")
+
+
+def turn_feedback(reward: float, reason: str, score: float | None) -> str:
+    """The environment's reply after a turn, appended to the conversation (masked as env tokens)."""
+    if reason:
+        return f"Your answer was rejected: {reason}. Reply again in the required format."
+    return f"The new workflow scored {score:.4f} (change {reward:+.4f}). Propose the next modification."

@@ -1,0 +1,200 @@
+"""`AFlowWorker`: an async Ray actor that owns tasks' search trees, experience and caches.
+
+Routing: in task mode every episode of a benchmark goes to the same worker (one search
+tree per benchmark, growing over training, as AFlow's search would); in query mode
+episodes are spread by uid. Within a worker, `reset` is keyed by the GRPO uid: every
+rollout of one parquet row starts from the same node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from aflow.benchmarks import Problem, get_benchmark, public_tests, resolve_data_dir
+from aflow.config import LLMConfig
+from aflow.llm import LLMClient
+from aflow.sandbox import Sandbox
+from aflow.search.experience import Experience, ExperiencePool
+from aflow.search.selection import SelectionConfig, select
+from aflow.search.tree import Node, Tree
+from aflow.workflows import load_workflow
+from agent_system.config import EnvConfig
+from agent_system.environments.env_package.aflow.episode import Episode, Outcome, Scored, score_workflow
+
+NAMESPACE = "aflow-rl"
+
+
+def stable_index(key: str, buckets: int) -> int:
+    return int(hashlib.sha256(key.encode()).hexdigest(), 16) % max(1, buckets)
+
+
+class TaskState:
+    """One benchmark's search in task mode: tree, experience, the fixed validation subset."""
+
+    def __init__(self, benchmark: str, cfg: EnvConfig, pool: ExperiencePool):
+        self.bench = get_benchmark(benchmark)
+        data_dir = resolve_data_dir(cfg.data_dir)
+        self.problems = self.bench.load("validate", data_dir, cfg.eval_subset_size)
+        self.tests = public_tests(self.bench.name, data_dir) if self.bench.is_code else {}
+        self.tree = Tree()
+        self.scored: dict[int, Scored] = {}
+        self.pool = pool
+        self.starts: dict[str, int] = {}  # uid -> round every rollout of that row starts from
+        self.rng = np.random.RandomState(cfg.seed)
+        self.lock = asyncio.Lock()
+
+
+class AFlowWorker:
+    """Created through `worker_handle`; every public method is a Ray actor method."""
+
+    def __init__(self, env_config: dict, workdir: str | None = None):
+        self.cfg = EnvConfig.from_dict(env_config)
+        self.workdir = Path(workdir or os.path.join(tempfile.gettempdir(), "aflow-rl-env"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        if not self.cfg.executor.base_url or not self.cfg.executor.model:
+            raise ValueError("env.executor.base_url and env.executor.model must name the executor endpoint")
+        self.llm = LLMClient(LLMConfig(base_url=self.cfg.executor.base_url, model=self.cfg.executor.model,
+                                       api_key_env=self.cfg.executor.api_key_env,
+                                       max_tokens=self.cfg.executor.max_tokens,
+                                       cache_path=self.workdir / "llm-cache.sqlite"))
+        self.sandbox: Sandbox | None = None
+        self.tasks: dict[str, TaskState] = {}
+        self.episodes: dict[str, Episode] = {}
+        self.task_of: dict[str, str] = {}
+
+    async def ping(self) -> int:
+        return os.getpid()
+
+    async def _sandbox(self) -> Sandbox:
+        if self.sandbox is None:
+            self.sandbox = await Sandbox().start()
+        return self.sandbox
+
+    async def _task(self, benchmark: str) -> TaskState:
+        if benchmark not in self.tasks:
+            pool = ExperiencePool(self.workdir / "experience.sqlite", scope=benchmark)
+            self.tasks[benchmark] = TaskState(benchmark, self.cfg, pool)
+        state = self.tasks[benchmark]
+        async with state.lock:
+            if not state.tree.nodes:  # the root: the initial workflow, scored once
+                seed = load_workflow(self.cfg.initial_workflow)
+                scored = await score_workflow(seed, state.problems, state.bench, self.llm, await self._sandbox(),
+                                              state.tests)
+                state.tree.add(Node(round=1, graph=seed.graph, prompt=seed.prompt, modification="initial workflow",
+                                    scores=[scored.score], cost_usd=scored.cost_usd, calls=scored.calls))
+                state.scored[1] = scored
+        return state
+
+    async def reset(self, episode_id: str, uid: str, row: dict) -> dict:
+        extra = row.get("extra_info") or {}
+        benchmark = extra.get("benchmark") or str(row.get("data_source", "")).split("/")[-1]
+        sandbox = await self._sandbox()
+        if self.cfg.mode == "task":
+            state = await self._task(benchmark)
+            async with state.lock:
+                if uid not in state.starts:
+                    node, _ = select(state.tree, SelectionConfig(), state.rng)
+                    state.starts[uid] = node.round
+                start_round = state.starts[uid]
+            episode = Episode("task", state.bench, self.llm, sandbox, state.tests, self.cfg.max_turns,
+                              state.scored[start_round], start_round, state.pool.of_parent(start_round),
+                              state.problems, self.cfg.max_action_chars)
+            self.task_of[episode_id] = benchmark
+        else:
+            bench = get_benchmark(benchmark)
+            problem = query_problem(row, benchmark)
+            seed = load_workflow(self.cfg.initial_workflow)
+            tests = public_tests(bench.name, resolve_data_dir(self.cfg.data_dir)) if bench.is_code else {}
+            episode = Episode("query", bench, self.llm, sandbox, tests, self.cfg.max_turns,
+                              Scored(seed.graph, seed.prompt, 0.0), None, [], [problem], self.cfg.max_action_chars)
+        self.episodes[episode_id] = episode
+        return {"observation": episode.observation(), "anchor_state": episode.current.graph}
+
+    async def step(self, episode_id: str, text: str) -> dict:
+        episode = self.episodes[episode_id]
+        observation, reward, done, info = await episode.step(text)
+        return {"observation": observation, "reward": reward, "done": done, "info": info}
+
+    async def close(self, episode_id: str, failed: str | None = None) -> dict:
+        """Finish an episode: merge its workflows and experience into the shared state."""
+        episode = self.episodes.pop(episode_id, None)
+        if episode is None:
+            return {}
+        outcome = episode.outcome(failed)
+        benchmark = self.task_of.pop(episode_id, None)
+        if outcome.mode == "task" and benchmark and not failed:
+            await self._merge(self.tasks[benchmark], outcome)
+        return outcome_summary(outcome)
+
+    async def _merge(self, state: TaskState, outcome: Outcome) -> None:
+        async with state.lock:
+            parent = outcome.start_round
+            for modification, scored in outcome.nodes:
+                number = max(state.tree.nodes) + 1
+                before = state.scored[parent].score
+                state.tree.add(Node(round=number, graph=scored.graph, prompt=scored.prompt, parent=parent,
+                                    modification=modification, scores=[scored.score], cost_usd=scored.cost_usd,
+                                    calls=scored.calls))
+                state.scored[number] = scored
+                state.pool.add(Experience(parent, number, modification, before, scored.score))
+                parent = number
+
+    async def tree_summary(self, benchmark: str) -> list[dict]:
+        state = self.tasks.get(benchmark)
+        return [n.summary() for n in state.tree.nodes.values()] if state else []
+
+    async def shutdown(self) -> None:
+        if self.sandbox is not None:
+            await self.sandbox.close()
+        await self.llm.close()
+
+
+def query_problem(row: dict, benchmark: str) -> Problem:
+    """The problem of a query-mode row: inputs from extra_info, reference from reward_model."""
+    extra = row.get("extra_info") or {}
+    inputs = extra.get("inputs")
+    inputs = json.loads(inputs) if isinstance(inputs, str) else dict(inputs or {})
+    truth = (row.get("reward_model") or {}).get("ground_truth")
+    reference = json.loads(truth) if isinstance(truth, str) else dict(truth or {})
+    if not inputs.get("problem"):
+        raise ValueError(f"query-mode row {extra.get('index')} has no extra_info.inputs.problem")
+    return Problem(id=str(extra.get("problem_id", extra.get("index", ""))), inputs=inputs, reference=reference)
+
+
+def outcome_summary(outcome: Outcome) -> dict[str, Any]:
+    return {
+        "mode": outcome.mode,
+        "turns": [asdict(t) for t in outcome.turns],
+        "final_graph": outcome.final_graph,
+        "cost_usd": outcome.cost_usd,
+        "calls": outcome.calls,
+        "failed": outcome.failed,
+    }
+
+
+def worker_handle(index: int, env_config: dict, workdir: str | None = None):
+    """The named actor `aflow-worker-{index}`, created on first use with the configured resources."""
+    import ray
+
+    cfg = EnvConfig.from_dict(env_config)
+    resources = dict(cfg.resources_per_worker)
+    actor = ray.remote(AFlowWorker).options(
+        name=f"aflow-worker-{index}", namespace=NAMESPACE, get_if_exists=True,
+        num_cpus=resources.get("num_cpus", 0.5), num_gpus=resources.get("num_gpus", 0.0), max_concurrency=256,
+        max_restarts=0,
+    )
+    return actor.remote(env_config, workdir)
+
+
+def route(cfg: EnvConfig, benchmark: str, uid: str) -> int:
+    """Which worker an episode goes to (see the module docstring)."""
+    return stable_index(benchmark if cfg.mode == "task" else uid, cfg.num_workers)

@@ -1,0 +1,75 @@
+"""Episode reward: the environment's return plus shaping terms whose weights live in `env.reward`.
+
+    total = return − format_penalty·(invalid actions) − cost_penalty·(executor USD)
+            + variety_weight·(distinct operators in the final workflow)
+            [+ diversity_weight·(how much the final workflow differs from its group's), batch-level]
+
+Task mode's return is the sum of step improvements (final score − start score); query mode's
+is the score of the workflow that ran. Every shaping weight defaults to 0 except the format
+penalty. The group diversity term needs the whole GRPO group, so it is computed over the
+batch (`group_diversity_bonus`) rather than per episode.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+
+from agent_system.config import RewardConfig
+
+
+def operators_used(graph: str) -> set[str]:
+    """Operator classes a workflow imports from aflow_ops (or AFlow's `operator.X(...)`)."""
+    from aflow.operators import OPERATOR_NAMES
+
+    try:
+        tree = ast.parse(graph)
+    except SyntaxError:
+        return set()
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module == "aflow_ops":
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.Attribute) and node.attr in OPERATOR_NAMES:
+            names.add(node.attr)
+    return names & set(OPERATOR_NAMES)
+
+
+def episode_reward(summary: dict, cfg: RewardConfig) -> tuple[float, dict[str, float]]:
+    """(total reward, its components) for one finished episode summary (see worker.outcome_summary)."""
+    turns = summary.get("turns", [])
+    if summary.get("mode") == "query":
+        valid = [t for t in turns if t["valid"]]
+        ret = valid[-1]["reward"] if valid else 0.0
+    else:
+        ret = sum(t["reward"] for t in turns)
+    invalid = sum(not t["valid"] for t in turns)
+    components = {
+        "return": float(ret),
+        "format": -cfg.format_penalty * invalid,
+        "cost": -cfg.cost_penalty * float(summary.get("cost_usd", 0.0)),
+        "variety": cfg.variety_weight * len(operators_used(summary.get("final_graph", ""))),
+    }
+    return sum(components.values()), components
+
+
+def group_diversity_bonus(signatures: list[frozenset[str]], uids: list[str], weight: float) -> list[float]:
+    """WA-GRPO-style diversity: for each episode, `weight` × the mean Jaccard distance between
+    its final workflow's operator set and those of the other episodes with the same uid."""
+    if weight == 0:
+        return [0.0] * len(signatures)
+    groups: dict[str, list[int]] = defaultdict(list)
+    for i, uid in enumerate(uids):
+        groups[uid].append(i)
+    bonus = [0.0] * len(signatures)
+    for members in groups.values():
+        for i in members:
+            others = [j for j in members if j != i]
+            if not others:
+                continue
+            distances = []
+            for j in others:
+                union = signatures[i] | signatures[j]
+                distances.append(1.0 - len(signatures[i] & signatures[j]) / len(union) if union else 0.0)
+            bonus[i] = weight * sum(distances) / len(distances)
+    return bonus

@@ -1,0 +1,130 @@
+"""AFlowWorker actors on a real local Ray cluster, with the real embedded executor."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+import pytest
+
+from agent_system.config import EnvConfig
+from agent_system.environments.env_package.aflow import AFlowEnvs
+from agent_system.environments.env_package.aflow.episode import anchor_of
+from agent_system.environments.env_package.aflow.manager import AFlowEnvironmentManager
+from agent_system.reward import episode_reward, group_diversity_bonus, operators_used
+
+
+
+GRAPH = """from aflow_ops import Custom
+import prompt
+
+
+class Workflow:
+    def __init__(self):
+        self.custom = Custom()
+
+    async def __call__(self, problem):
+        result = await self.custom(input=problem, instruction=prompt.STYLE)
+        return result["response"]
+"""
+
+
+def action(n: int) -> str:
+    return (f"<modification>Answer style {n}.</modification><graph>{GRAPH}</graph>"
+            f"<prompt>STYLE = 'Give only the final number. v{n}'</prompt>")
+
+
+def start_graph(observation: str) -> str:
+    return observation.split("<graph>", 1)[1].split("</graph>", 1)[0]
+
+
+def env_dict(server, data_dir, **overrides):
+    return {"mode": "task", "max_turns": 2, "eval_subset_size": 2, "num_workers": 1,
+            "executor": {"base_url": server.base_url, "model": server.model, "max_tokens": 48},
+            "data_dir": str(data_dir), **overrides}
+
+
+@pytest.mark.slow
+def test_task_mode_group_shares_its_start_and_merges_afterwards(ray_cluster, embedded_executor, data_dir, tmp_path):
+    config = env_dict(embedded_executor, data_dir)
+    workdir = str(tmp_path / f"env-{uuid.uuid4().hex[:6]}")
+
+    async def go():
+        envs = AFlowEnvs(config, env_num=1, group_n=2, workdir=workdir)
+        uid = "row-1"
+        obs, infos = await envs.reset([{"uid": uid, "extra_info": {"benchmark": "gsm8k"}}])
+        assert len(obs) == 2 and obs[0] == obs[1]  # same start state for the whole group
+        assert "You improve agentic workflows for the gsm8k benchmark" in obs[0]
+        _, rewards, dones, infos = await envs.step([action(1), "not a workflow at all"])
+        assert infos[0]["valid"] and not infos[1]["valid"]
+        assert "no <graph>" in infos[1]["reason"] and rewards[1] == 0.0
+        assert infos[0]["anchor"] == infos[1]["anchor"]  # both acted on the same start workflow
+        assert dones == [False, False]
+        _, _, dones, infos = await envs.step([action(2), action(3)])
+        assert dones == [True, True]
+        assert infos[0]["anchor"] != infos[1]["anchor"]  # episode 0 moved on, episode 1 did not
+        summaries = await envs.close()
+        worker = envs.episodes[0][0]
+        tree = await worker.tree_summary.remote("gsm8k")
+        # root + the 3 valid workflows, merged only after the episodes closed
+        assert len(tree) == 4 and sorted(n["parent"] for n in tree if n["parent"]) == [1, 1, 2]
+        # a new row (another uid) may start from any node; the same uid again starts where it did
+        again = AFlowEnvs(config, env_num=1, group_n=1, workdir=workdir)
+        obs_again, _ = await again.reset([{"uid": uid, "extra_info": {"benchmark": "gsm8k"}}])
+        assert start_graph(obs_again[0]) == start_graph(obs[0])
+        assert "Answer style 1. (did not improve" in obs_again[0] or "Answer style 1. (improved" in obs_again[0]
+        await again.close()
+        return summaries
+
+    summaries = asyncio.run(go())
+    assert [len(s["turns"]) for s in summaries] == [2, 2]
+    total, parts = episode_reward(summaries[1], EnvConfig().reward)
+    assert parts["format"] == pytest.approx(-0.1)  # one invalid action, default penalty
+    assert total == pytest.approx(parts["return"] + parts["format"])
+
+
+@pytest.mark.slow
+def test_query_mode_scores_the_workflow_on_its_problem(ray_cluster, embedded_executor, data_dir, tmp_path):
+    config = env_dict(embedded_executor, data_dir, mode="query", max_turns=2)
+    row = {"uid": "q-1", "extra_info": {"benchmark": "gsm8k", "index": 0, "problem_id": "x",
+                                         "inputs": '{"problem": "What is 3 + 4?"}'},
+           "reward_model": {"style": "rule", "ground_truth": '{"answer": "7"}'}}
+    gold_graph = GRAPH.replace('return result["response"]', 'return "7"')
+
+    async def go():
+        envs = AFlowEnvs(config, env_num=1, group_n=1, workdir=str(tmp_path / "q"))
+        obs, _ = await envs.reset([row])
+        assert "What is 3 + 4?" in obs[0]
+        _, rewards, dones, infos = await envs.step(["<modification>x</modification><graph>oops</graph>"])
+        assert not infos[0]["valid"] and dones == [False]
+        text = f"<modification>Return 7.</modification><graph>{gold_graph}</graph><prompt>STYLE = ''</prompt>"
+        _, rewards, dones, infos = await envs.step([text])
+        await envs.close()
+        return rewards, dones, infos
+
+    rewards, dones, infos = asyncio.run(go())
+    assert rewards == [1.0] and dones == [True] and infos[0]["score"] == 1.0
+
+
+def test_manager_keeps_a_bounded_history():
+    manager = AFlowEnvironmentManager(history_length=2)
+    for i in range(4):
+        manager.record(action(i), 0.1 * i, {"valid": True})
+    text = manager.user_message("OBS")["content"]
+    assert "Answer style 3." in text and "Answer style 2." in text and "Answer style 1." not in text
+    assert text.endswith("OBS")
+
+
+def test_reward_shaping_terms():
+    from agent_system.config import RewardConfig
+
+    summary = {"mode": "task", "cost_usd": 0.5, "final_graph": GRAPH.replace("Custom", "Custom, ScEnsemble", 1),
+               "turns": [{"valid": True, "reward": 0.2}, {"valid": False, "reward": 0.0}]}
+    total, parts = episode_reward(summary, RewardConfig(format_penalty=0.1, cost_penalty=0.2, variety_weight=0.05))
+    assert parts == pytest.approx({"return": 0.2, "format": -0.1, "cost": -0.1, "variety": 0.1})
+    assert total == pytest.approx(0.1)
+    assert operators_used(GRAPH) == {"Custom"}
+    bonus = group_diversity_bonus([frozenset({"Custom"}), frozenset({"Custom", "ScEnsemble"}), frozenset({"A"})],
+                                  ["u", "u", "v"], weight=1.0)
+    assert bonus == pytest.approx([0.5, 0.5, 0.0])
+    assert anchor_of("a  b\n", "p") == anchor_of("a b", "p ")
