@@ -46,6 +46,7 @@ class EnvConfig:
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"num_cpus": 0.5, "num_gpus": 0.0})
     executor: EndpointConfig = field(default_factory=EndpointConfig)
     data_dir: str | None = None  # AFlow JSONL directory on the workers' machines
+    workdir: str | None = None  # experience pool and response cache of the workers (default: a temp dir)
     concurrency: int = 8  # problems evaluated at once inside one worker
     initial_workflow: str = "builtin:io"
     max_action_chars: int = 20_000

@@ -25,7 +25,11 @@ from aflow.sandbox import Sandbox
 from aflow.search.experience import Experience
 from aflow.search.projection import normalize_modification, project
 from aflow.workflows import WorkflowCode
-from agent_system.environments.env_package.aflow.prompts import query_observation, task_observation, turn_feedback
+from agent_system.environments.env_package.aflow.prompts import (
+    continuation,
+    query_observation,
+    task_observation,
+)
 
 
 def anchor_of(graph: str, prompt: str) -> str:
@@ -135,9 +139,9 @@ class Episode:
         return self._reply(turn)
 
     def _reply(self, turn: Turn) -> tuple[str, float, bool, dict]:
+        """Mid-episode replies are short: the instructions and catalogue are already in context."""
         done = self.done
-        feedback = turn_feedback(turn.reward, turn.reason, turn.score)
-        observation = "" if done else self.observation(feedback)
+        observation = "" if done else continuation(turn, self.current, self.mode)
         info = {"valid": turn.valid, "reason": turn.reason, "score": turn.score, "anchor": turn.anchor}
         return observation, turn.reward, done, info
 

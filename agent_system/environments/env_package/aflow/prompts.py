@@ -53,3 +53,14 @@ def turn_feedback(reward: float, reason: str, score: float | None) -> str:
     if reason:
         return f"Your answer was rejected: {reason}. Reply again in the required format."
     return f"The new workflow scored {score:.4f} (change {reward:+.4f}). Propose the next modification."
+
+
+def continuation(turn, current, mode: str) -> str:
+    """The environment's reply after a turn (its tokens are masked 0 in training)."""
+    feedback = turn_feedback(turn.reward, turn.reason, turn.score)
+    if not turn.valid or mode == "query":
+        return feedback
+    failures = "\n".join(f"- {str(f.get('input', ''))[:300]} -> {str(f.get('output', ''))[:200]}"
+                          for f in current.failures[:2]) or "(none)"
+    return (f"{feedback}\nCurrent workflow (score {current.score:.4f}) is the one you just wrote. "
+            f"Problems it still gets wrong:\n{failures}\nAnswer in the same format.")

@@ -58,7 +58,7 @@ class AFlowWorker:
 
     def __init__(self, env_config: dict, workdir: str | None = None):
         self.cfg = EnvConfig.from_dict(env_config)
-        self.workdir = Path(workdir or os.path.join(tempfile.gettempdir(), "aflow-rl-env"))
+        self.workdir = Path(workdir or self.cfg.workdir or os.path.join(tempfile.gettempdir(), "aflow-rl-env"))
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.cfg.executor.base_url or not self.cfg.executor.model:
             raise ValueError("env.executor.base_url and env.executor.model must name the executor endpoint")
@@ -181,14 +181,20 @@ def outcome_summary(outcome: Outcome) -> dict[str, Any]:
     }
 
 
+def worker_name(index: int, env_config: dict, workdir: str | None = None) -> str:
+    """Named per config: a job with other env settings never picks up a stale worker."""
+    digest = hashlib.sha256(json.dumps([env_config, workdir], sort_keys=True, default=str).encode()).hexdigest()
+    return f"aflow-worker-{index}-{digest[:10]}"
+
+
 def worker_handle(index: int, env_config: dict, workdir: str | None = None):
-    """The named actor `aflow-worker-{index}`, created on first use with the configured resources."""
+    """The named actor for worker `index`, created on first use with the configured resources."""
     import ray
 
     cfg = EnvConfig.from_dict(env_config)
     resources = dict(cfg.resources_per_worker)
     actor = ray.remote(AFlowWorker).options(
-        name=f"aflow-worker-{index}", namespace=NAMESPACE, get_if_exists=True,
+        name=worker_name(index, env_config, workdir), namespace=NAMESPACE, get_if_exists=True,
         num_cpus=resources.get("num_cpus", 0.5), num_gpus=resources.get("num_gpus", 0.0), max_concurrency=256,
         max_restarts=0,
     )

@@ -1,0 +1,173 @@
+"""The verl agent loop, for real: verl's AgentLoopBase machinery, a CPU generation backend that
+honours `server_manager.generate` (SmolLM2 through transformers), real AFlowWorker actors on a
+local Ray cluster, and the embedded executor."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import hydra
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+pytestmark = pytest.mark.slow
+
+GRAPH = """from aflow_ops import Custom
+import prompt
+
+
+class Workflow:
+    def __init__(self):
+        self.custom = Custom()
+
+    async def __call__(self, problem):
+        result = await self.custom(input=problem, instruction=prompt.STYLE)
+        return result["response"]
+"""
+
+
+@pytest.fixture(scope="module")
+def policy():
+    from agent_system.policy_model import load_policy
+
+    return load_policy(None)
+
+
+def trainer_config(server, data_dir, workdir, **env):
+    return OmegaConf.create({
+        "actor_rollout_ref": {"rollout": {"prompt_length": 4096, "response_length": 2048, "n": 2}},
+        "data": {"apply_chat_template_kwargs": {}},
+        "env": {"mode": "task", "max_turns": 2, "eval_subset_size": 2, "num_workers": 1,
+                "executor": {"base_url": server.base_url, "model": server.model, "max_tokens": 48},
+                "data_dir": str(data_dir), "actor_timeout_s": 120.0, "workdir": str(workdir), **env},
+    })
+
+
+def run_episode(config, server_manager, tokenizer, sampling_params, **kwargs):
+    """Build the loop inside the running event loop (as verl's worker does) and run one episode."""
+
+    async def go():
+        return await make_loop(config, server_manager, tokenizer).run(sampling_params, **kwargs)
+
+    return asyncio.run(go())
+
+
+def make_loop(config, server_manager, tokenizer):
+    """Instantiate the loop the way verl's AgentLoopWorker does, from our registration YAML."""
+    from verl.experimental.agent_loop.agent_loop import DictConfigWrap, ToolListWrap
+    from verl.utils.dataset.rl_dataset import RLHFDataset
+
+    entries = yaml.safe_load(open("configs/agent_loop.yaml"))
+    entry = next(e for e in entries if e["name"] == "aflow_agent")
+    return hydra.utils.instantiate(
+        config={"_target_": entry["_target_"]}, trainer_config=DictConfigWrap(config=config),
+        server_manager=server_manager, tokenizer=tokenizer, processor=None, hf_model_type="llama",
+        dataset_cls=RLHFDataset, data_config=DictConfigWrap(config.data), tools=ToolListWrap([]))
+
+
+class ScriptedPolicy:
+    """verl's server_manager contract, answering with fixed texts (tokenized by the real tokenizer),
+    with log-probs from the real CPU backend's model: the policy side is exercised for real,
+    the *choice* of text is scripted so the environment's reactions can be checked."""
+
+    def __init__(self, backend, tokenizer, texts, on_call=None):
+        self.backend, self.tokenizer, self.texts, self.on_call, self.calls = backend, tokenizer, list(texts), on_call, 0
+
+    async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
+        from verl.workers.rollout.replica import TokenOutput
+
+        self.calls += 1
+        if self.on_call:
+            await self.on_call(self.calls)
+        if not self.texts:
+            return await self.backend.generate(request_id, prompt_ids=prompt_ids, sampling_params=sampling_params)
+        ids = self.tokenizer.encode(self.texts.pop(0), add_special_tokens=False) + [self.tokenizer.eos_token_id]
+        return TokenOutput(token_ids=ids, log_probs=[-1.0] * len(ids))
+
+
+def action(n):
+    return (f"<modification>Answer style {n}.</modification><graph>{GRAPH}</graph>"
+            f"<prompt>STYLE = 'Give only the number. v{n}'</prompt>")
+
+
+def row(uid="u-1"):
+    return {"raw_prompt": [{"role": "user", "content": "Improve the workflow for gsm8k"}],
+            "extra_info": {"benchmark": "gsm8k", "index": 0}, "data_source": "aflow/gsm8k",
+            "reward_model": {"style": "rule", "ground_truth": "{}"}, "index": 0, "uid": uid}
+
+
+def test_episode_masks_rewards_and_turns(ray_cluster, embedded_executor, data_dir, tmp_path, policy):
+    from agent_system.agent_loop.cpu_server import CPUServerManager
+
+    model, tokenizer = policy
+    config = trainer_config(embedded_executor, data_dir, tmp_path)
+    backend = CPUServerManager(config, model=model, tokenizer=tokenizer, base_seed=0)
+    server = ScriptedPolicy(backend, tokenizer, ["I am not sure what to do.", action(1)])
+    out = run_episode(config, server, tokenizer, {"temperature": 1.0, "top_p": 1.0, "max_tokens": 256},
+                      **row(uuid.uuid4().hex))
+    extra = out.extra_fields
+    assert extra["episode_failed"] == ""
+    assert len(out.response_ids) == len(out.response_mask) > 0
+    spans = extra["turn_spans"]
+    assert len(spans) == 2 and len(extra["anchors"]) == 2 and len(extra["step_rewards"]) == 2
+    generated = [tokenizer.encode(t, add_special_tokens=False) for t in ("I am not sure what to do.", action(1))]
+    for (start, end), ids in zip(spans, generated, strict=True):
+        assert out.response_mask[start:end] == [1] * (end - start)  # the policy's own tokens
+        assert out.response_ids[start:start + len(ids)] == ids
+    between = out.response_mask[spans[0][1]:spans[1][0]]
+    assert between and set(between) == {0}  # the environment's reply is masked out
+    assert sum(out.response_mask) == sum(e - s for s, e in spans)
+    assert out.response_logprobs is not None and len(out.response_logprobs) == len(out.response_mask)
+    # reward: the first answer was invalid (format penalty 0.1), the second scored a change
+    assert extra["anchors"][0] == extra["anchors"][1]  # the invalid turn did not move the state
+    assert out.reward_score == pytest.approx(sum(extra["step_rewards"]) - 0.1)
+    assert extra["reward_components"]["format"] == pytest.approx(-0.1)
+    assert out.num_turns == 4  # user, assistant, user (environment), assistant
+
+
+def test_real_generation_runs_an_episode(ray_cluster, embedded_executor, data_dir, tmp_path, policy):
+    """No script: SmolLM2 itself writes both turns through the CPU backend."""
+    from agent_system.agent_loop.cpu_server import CPUServerManager
+
+    model, tokenizer = policy
+    config = trainer_config(embedded_executor, data_dir, tmp_path, max_turns=2)
+    backend = CPUServerManager(config, model=model, tokenizer=tokenizer, base_seed=1)
+    out = run_episode(config, backend, tokenizer, {"temperature": 1.0, "top_p": 1.0, "max_tokens": 48, "logprobs": True},
+                      **row(uuid.uuid4().hex))
+    assert out.extra_fields["episode_failed"] == ""
+    assert 1 <= len(out.extra_fields["turn_spans"]) <= 2
+    assert sum(out.response_mask) > 0 and out.reward_score is not None
+    assert out.response_logprobs is not None
+    assert all(lp <= 0 for lp, m in zip(out.response_logprobs, out.response_mask, strict=True) if m)
+
+
+def test_killed_worker_fails_the_episode_without_hanging(ray_cluster, embedded_executor, data_dir, tmp_path, policy):
+    import ray
+
+    from agent_system.agent_loop.aflow_agent_loop import env_config_of
+    from agent_system.agent_loop.cpu_server import CPUServerManager
+    from agent_system.environments.env_package.aflow.worker import NAMESPACE, worker_name
+
+    model, tokenizer = policy
+    config = trainer_config(embedded_executor, data_dir, tmp_path, num_workers=1, actor_timeout_s=60.0)
+
+    async def kill_on_second_turn(call):
+        if call == 2:
+            name = worker_name(0, env_config_of(config))
+            ray.kill(ray.get_actor(name, namespace=NAMESPACE), no_restart=True)
+
+    backend = CPUServerManager(config, model=model, tokenizer=tokenizer, base_seed=0)
+    server = ScriptedPolicy(backend, tokenizer, ["first try", "second try"], on_call=kill_on_second_turn)
+    started = time.monotonic()
+    out = run_episode(config, server, tokenizer, {"temperature": 1.0, "max_tokens": 32, "logprobs": True}, **row(uuid.uuid4().hex))
+    assert time.monotonic() - started < 60
+    assert "step failed" in out.extra_fields["episode_failed"]
+    assert "Actor" in out.extra_fields["episode_failed"] or "actor" in out.extra_fields["episode_failed"]
+    assert out.reward_score == 0.0
+    # the next episode gets a fresh worker (the named actor is created again)
+    server2 = ScriptedPolicy(backend, tokenizer, [action(7)])
+    out2 = run_episode(config, server2, tokenizer, {"temperature": 1.0, "max_tokens": 32, "logprobs": True}, **row(uuid.uuid4().hex))
+    assert out2.extra_fields["episode_failed"] == ""
