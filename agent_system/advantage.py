@@ -356,6 +356,7 @@ def install_advantage_hook(config: Any = None):
         norm_adv_by_std_in_grpo: bool = True,
         config=None,
     ):
+        apply_group_diversity(data, _diversity_weight(config))
         if _estimator_name(adv_estimator) != WORKFLOW_GIGPO:
             return original(
                 data,
@@ -376,6 +377,31 @@ def install_advantage_hook(config: Any = None):
     setattr(compute_advantage, _OWN_MARK, True)
     ray_trainer.compute_advantage = compute_advantage
     return compute_advantage
+
+
+def _diversity_weight(algorithm_config: Any) -> float:
+    """env.reward.diversity_weight of the trainer config `algorithm_config` belongs to (0 if unset)."""
+    get_root = getattr(algorithm_config, "_get_root", None)
+    try:
+        root = get_root() if get_root else None
+        return float(root["env"]["reward"]["diversity_weight"]) if root is not None else 0.0
+    except (KeyError, TypeError, ValueError):
+        return 0.0
+
+
+def apply_group_diversity(data, weight: float) -> None:
+    """WA-GRPO's group diversity term: it needs every episode of a uid, so it is added here, at
+    the batch level, to each episode's reward (its last response token) before advantages."""
+    if weight == 0 or "final_operators" not in data.non_tensor_batch or "uid" not in data.non_tensor_batch:
+        return
+    from agent_system.reward import group_diversity_bonus
+
+    signatures = [frozenset(ops or []) for ops in data.non_tensor_batch["final_operators"]]
+    bonus = group_diversity_bonus(signatures, [str(u) for u in data.non_tensor_batch["uid"]], weight)
+    rewards = data.batch["token_level_rewards"]
+    last = data.batch["response_mask"].sum(-1).clamp(min=1) - 1
+    for row, value in enumerate(bonus):
+        rewards[row, int(last[row])] += value
 
 
 def uninstall_advantage_hook() -> None:

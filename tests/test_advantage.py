@@ -313,3 +313,24 @@ def test_registered_estimator_without_hook_raises():
     assert ray_trainer.compute_advantage is ORIGINAL_COMPUTE_ADVANTAGE
     with pytest.raises(RuntimeError, match="install_advantage_hook"):
         ORIGINAL_COMPUTE_ADVANTAGE(gigpo_data(), adv_estimator=WORKFLOW_GIGPO, config=AlgoConfig())
+
+
+def test_group_diversity_is_added_to_the_reward_before_advantages():
+    import numpy as np
+    import torch
+    from verl.protocol import DataProto
+
+    from agent_system.advantage import apply_group_diversity
+
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0], [1, 1, 1]])
+    rewards = torch.zeros(3, 3)
+    data = DataProto.from_dict(
+        tensors={"token_level_rewards": rewards.clone(), "response_mask": mask},
+        non_tensors={"uid": np.array(["u", "u", "v"], dtype=object),
+                     "final_operators": np.array([["Custom"], ["Custom", "ScEnsemble"], ["Custom"]], dtype=object)})
+    apply_group_diversity(data, 2.0)
+    # u: Jaccard distance 1/2 between the two, times 2.0 -> +1.0 at each last valid token; v is alone -> 0
+    expected = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    assert torch.allclose(data.batch["token_level_rewards"], expected)
+    apply_group_diversity(data, 0.0)  # weight 0: untouched
+    assert torch.allclose(data.batch["token_level_rewards"], expected)
