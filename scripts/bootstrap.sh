@@ -26,6 +26,10 @@ if [ ! -f "$stamp" ] || ! grep -qxF "$want" "$stamp"; then
   fi
   # llama-cpp-python builds from source once (about 8 minutes); pip caches the wheel.
   CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" "$PY" -m pip install -q -e "$AFLOW_ROOT[$extras]" >&2
+  if ! has_cuda && [[ ",$extras," == *",rl,"* ]]; then
+    # verl's declared dependencies pull GPU-only packages; on a CPU it imports with the `rl` extra.
+    "$PY" -m pip install -q --no-deps "verl==0.9.1" >&2
+  fi
   echo "$want" > "$stamp"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -3,7 +3,11 @@
 # Benchmark data: $AFLOW_DATA_DIR, else ../shared/data/aflow beside the repo when present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-source scripts/bootstrap.sh cpu,dev
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
+  source scripts/bootstrap.sh gpu,cpu,dev
+else
+  source scripts/bootstrap.sh cpu,rl,dev
+fi
 if [ -z "${AFLOW_DATA_DIR:-}" ] && [ -d ../shared/data/aflow ]; then
   export AFLOW_DATA_DIR="$(cd ../shared/data/aflow && pwd)"
 fi

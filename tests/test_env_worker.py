@@ -13,8 +13,6 @@ from agent_system.environments.env_package.aflow.episode import anchor_of
 from agent_system.environments.env_package.aflow.manager import AFlowEnvironmentManager
 from agent_system.reward import episode_reward, group_diversity_bonus, operators_used
 
-
-
 GRAPH = """from aflow_ops import Custom
 import prompt
 

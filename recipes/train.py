@@ -1,0 +1,222 @@
+"""Training entry point: verl's `run_ppo` with the AFlow plugins loaded inside verl's task runner.
+
+    python -m recipes.train [preset=NAME] [hydra overrides...]      # usually through `bash launch.sh`
+
+The config is `configs/aflow_grpo.yaml`: verl's own `ppo_trainer` (found on hydra's search path as
+`pkg://verl.trainer.config`) plus the AFlow agent loop, a top-level `env:` section and a preset.
+Before anything starts, the config is validated the way `python -m recipes.dry_run` validates it.
+
+`trainer.backend=local` dispatches to `recipes.local_trainer.main(config)` when that module exists.
+verl never converts its `trainer:` section to a dataclass (it stays a plain DictConfig read key by
+key), so the extra key does not upset verl; it is declared in aflow_grpo.yaml so no `+` is needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+CONFIG_NAME = "aflow_grpo"
+BACKENDS = ("verl", "local")
+
+# Modules imported inside verl's task-runner process before training starts: the agent loop registers
+# "aflow_agent", the advantage hook patches the trainer's advantage step (GiGPO).
+PLUGIN_AGENT_LOOP = "agent_system.agent_loop.aflow_agent_loop"
+PLUGIN_ADVANTAGE = "agent_system.advantage"
+
+
+class ConfigError(ValueError):
+    """A configuration problem, reported as one line."""
+
+
+def config_path(name: str) -> str:
+    """`${aflow_config:NAME}`: the absolute path of configs/NAME next to this package."""
+    return str(CONFIG_DIR / str(name))
+
+
+def register_resolvers() -> None:
+    OmegaConf.register_new_resolver("aflow_config", config_path, replace=True)
+
+
+register_resolvers()
+
+
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The composed config (unresolved, struct mode), exactly as `python -m recipes.train` would get it."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if GlobalHydra.instance().is_initialized():
+        GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
+        return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
+
+
+def env_section(config: DictConfig) -> dict[str, Any]:
+    section = config.get("env")
+    if section is None:
+        return {}
+    return OmegaConf.to_container(section, resolve=True)
+
+
+def validate_env(config: DictConfig):
+    """EnvConfig.from_dict on the `env:` section; any problem becomes a one-line ConfigError."""
+    from agent_system.config import EnvConfig
+
+    section = env_section(config)
+    try:
+        env = EnvConfig.from_dict(section)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"env: {exc}") from None
+    # from_dict checks names; the dataclass's field types are checked by OmegaConf's structured merge
+    try:
+        schema = OmegaConf.structured(EnvConfig)
+    except Exception:  # a field type OmegaConf cannot express: names were checked above
+        return env
+    try:
+        OmegaConf.merge(schema, section)
+    except Exception as exc:
+        raise ConfigError("env: " + " ".join(str(exc).split())) from None
+    return env
+
+
+def backend_of(config: DictConfig) -> str:
+    backend = str(config.trainer.get("backend", "verl"))
+    if backend not in BACKENDS:
+        raise ConfigError(f"trainer.backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
+    return backend
+
+
+def _import_plugin(module: str):
+    """Import a plugin module; a missing module (or a missing dependency of it) is one clear error."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        missing = exc.name or ""
+        if missing and (module == missing or module.startswith(missing + ".")):
+            raise RuntimeError(
+                f"aflow-rl plugin {module!r} is missing from this checkout (it is imported inside verl's "
+                f"task runner; the job's working_dir is {os.getcwd()})"
+            ) from None
+        raise RuntimeError(f"aflow-rl plugin {module!r} cannot be imported: missing module {missing!r}") from exc
+
+
+def load_plugins() -> None:
+    """Register the AFlow agent loop and install the advantage hook in THIS process."""
+    _import_plugin(PLUGIN_AGENT_LOOP)
+    advantage = _import_plugin(PLUGIN_ADVANTAGE)
+    install = getattr(advantage, "install_advantage_hook", None)
+    if install is None:
+        raise RuntimeError(f"aflow-rl plugin {PLUGIN_ADVANTAGE!r} has no install_advantage_hook()")
+    install()
+
+
+def portable_paths(config: DictConfig) -> None:
+    """Resolve the config, then make the agent-loop YAML path relative to the cwd when it lies under it.
+
+    Inside a Ray job every worker's cwd is its node's copy of the job's working_dir, and verl's
+    `resolve_config_path` tries the cwd first, so a relative path works on every node, where the
+    absolute path of one node's copy would not.
+    """
+    OmegaConf.resolve(config)
+    agent = config.actor_rollout_ref.rollout.agent
+    path = agent.get("agent_loop_config_path")
+    if path and os.path.isabs(path):
+        cwd = os.path.abspath(os.getcwd())
+        if os.path.abspath(path).startswith(cwd + os.sep):
+            agent.agent_loop_config_path = os.path.relpath(path, cwd)
+
+
+def task_runner_class():
+    """A Ray actor class: verl's classic TaskRunner whose run() first loads the AFlow plugins.
+
+    verl declares `TaskRunner` with a bare `@ray.remote` (in verl.trainer.main_ppo_v0) and `run_ppo`
+    calls `task_runner_class.remote()` then `.run.remote(config)`. Ray forbids subclassing an actor
+    class, so the subclass derives from the plain class Ray keeps as `__ray_actor_class__` and is made
+    an actor again with the same bare `ray.remote`.
+    """
+    import ray
+    from verl.trainer.main_ppo_v0 import TaskRunner
+
+    base = getattr(TaskRunner, "__ray_actor_class__", None)
+    if not isinstance(base, type):
+        raise RuntimeError("verl.trainer.main_ppo_v0.TaskRunner is not a Ray actor class as expected")
+
+    class AFlowTaskRunner(base):
+        def run(self, config):
+            register_resolvers()
+            load_plugins()
+            portable_paths(config)
+            return super().run(config)
+
+    return ray.remote(AFlowTaskRunner)
+
+
+def preflight_in_cluster(config: DictConfig) -> None:
+    """Inside a Ray job (RAY_ADDRESS set): refuse a plan the cluster cannot hold, instead of hanging.
+
+    Connects, reads ray.cluster_resources(), disconnects (verl's run_ppo then calls ray.init itself with
+    its runtime env). AFLOW_SKIP_PREFLIGHT=1 skips it.
+    """
+    if os.environ.get("AFLOW_SKIP_PREFLIGHT") == "1" or not os.environ.get("RAY_ADDRESS"):
+        return
+    import ray
+
+    from recipes.preflight import plan_for
+
+    ray.init(address="auto", logging_level="ERROR", log_to_driver=False)
+    try:
+        plan = plan_for(config)
+    finally:
+        ray.shutdown()
+    if not plan["fits"]:
+        print(f"preflight: {plan['message']}", file=sys.stderr)
+        raise SystemExit(3)
+
+
+def run(config: DictConfig) -> None:
+    """Validate, then train with the chosen backend."""
+    from recipes.dry_run import validate
+
+    backend = backend_of(config)
+    validate_env(config)
+    if backend == "local":
+        try:
+            local = importlib.import_module("recipes.local_trainer")
+        except ModuleNotFoundError as exc:
+            if exc.name in ("recipes.local_trainer",):
+                print("local backend not available yet", file=sys.stderr)
+                raise SystemExit(2) from None
+            raise
+        local.main(config)
+        return
+
+    from verl.trainer.main_ppo import run_ppo
+    from verl.utils.device import auto_set_device
+
+    auto_set_device(config)  # as verl's own main does: trainer.device=npu on Ascend
+    validate(config)
+    preflight_in_cluster(config)
+    run_ppo(config, task_runner_class=task_runner_class())
+
+
+@hydra.main(config_path="../configs", config_name=CONFIG_NAME, version_base=None)
+def main(config: DictConfig) -> None:
+    try:
+        run(config)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
