@@ -73,3 +73,37 @@ def group_diversity_bonus(signatures: list[frozenset[str]], uids: list[str], wei
                 distances.append(1.0 - len(signatures[i] & signatures[j]) / len(union) if union else 0.0)
             bonus[i] = weight * sum(distances) / len(distances)
     return bonus
+
+
+JUDGE_PROMPT = """Question and context:
+{question}
+
+Reference answer(s): {references}
+Candidate answer: {candidate}
+
+Does the candidate answer mean the same as a reference answer? Reply with exactly yes or no."""
+
+QA_BENCHMARKS = ("hotpotqa", "drop")
+
+
+def make_judge(endpoint, llm_factory=None):
+    """An async judge for QA answers through an OpenAI-compatible endpoint (config env.reward.judge):
+    1.0 when it says the candidate matches a reference, else 0.0; a failed call counts as 0.0."""
+    from aflow.config import LLMConfig
+    from aflow.llm import LLMCallError, LLMClient
+
+    client = (llm_factory or LLMClient)(LLMConfig(base_url=endpoint.base_url, model=endpoint.model,
+                                                  api_key_env=endpoint.api_key_env, max_tokens=4))
+
+    async def judge(problem, output) -> float:
+        prompt = JUDGE_PROMPT.format(question=str(problem.inputs.get("problem", ""))[-3000:],
+                                     references=" | ".join(problem.reference.get("answers", [])),
+                                     candidate=str(output)[:1000])
+        try:
+            reply = await client.chat([{"role": "user", "content": prompt}])
+        except LLMCallError:
+            return 0.0
+        return 1.0 if reply.text.strip().lower().startswith("yes") else 0.0
+
+    judge.client = client
+    return judge

@@ -252,3 +252,24 @@ def test_portable_paths_relative_inside_working_dir(monkeypatch):
     config = compose(["preset=cpu-smoke"])
     train.portable_paths(config)
     assert config.actor_rollout_ref.rollout.agent.agent_loop_config_path == "configs/agent_loop.yaml"
+
+
+@pytest.mark.parametrize("overrides,critic", [
+    (["algorithm.adv_estimator=workflow_gigpo"], False),
+    (["algorithm.adv_estimator=gae", "critic.enable=true"], True),
+])
+def test_other_estimators_compose_and_validate(overrides, critic):
+    """workflow-GiGPO (our hook) and the critic path (gae) are options of the same config."""
+    from verl.trainer.ppo.utils import need_critic
+
+    from agent_system.advantage import register_estimator
+
+    register_estimator()  # as the task runner does before training
+    if critic:  # verl builds the critic's model config (tokenizer included): point it at a local model
+        from agent_system.policy_model import ensure_default_converted
+
+        overrides = [*overrides, f"critic.model.path={ensure_default_converted()}", "critic.ppo_micro_batch_size_per_gpu=1"]
+    config = compose(["preset=cpu-smoke", *overrides])
+    dry_run.validate(config)
+    assert config.algorithm.adv_estimator == overrides[0].split("=")[1]
+    assert need_critic(config) is critic

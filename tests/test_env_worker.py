@@ -126,3 +126,44 @@ def test_reward_shaping_terms():
                                   ["u", "u", "v"], weight=1.0)
     assert bonus == pytest.approx([0.5, 0.5, 0.0])
     assert anchor_of("a  b\n", "p") == anchor_of("a b", "p ")
+
+
+@pytest.mark.parametrize("verdict,expected", [("yes", 1.0), ("no", None)])
+def test_llm_judge_can_raise_a_qa_score(fake_openai, verdict, expected, tmp_path, monkeypatch):
+    """Query mode on a QA benchmark: the judge (a real local HTTP endpoint) sees question,
+    references and answer; its yes lifts a lexical F1 that missed a paraphrase."""
+    from aflow.benchmarks import Problem, get_benchmark
+    from aflow.config import LLMConfig
+    from aflow.llm import LLMClient
+    from aflow.sandbox import Sandbox
+    from agent_system.config import EndpointConfig
+    from agent_system.environments.env_package.aflow.episode import Episode, Scored
+    from agent_system.reward import make_judge
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a fresh response cache for this verdict
+    fake_openai.reply = lambda messages: verdict if "Reference answer(s)" in messages[0]["content"] else "x"
+    graph = GRAPH.replace('return result["response"]', 'return "the novelist Eric Blair"')
+    problem = Problem(id="h1", inputs={"problem": "Who wrote Animal Farm?"},
+                      reference={"answers": ["George Orwell (Eric Blair)"]})
+
+    async def go():
+        llm = LLMClient(LLMConfig(base_url=fake_openai.base_url, model="exe", cache=False))
+        judge = make_judge(EndpointConfig(base_url=fake_openai.base_url, model="judge"))
+        async with Sandbox() as sandbox:
+            episode = Episode("query", get_benchmark("hotpotqa"), llm, sandbox, {}, 1, Scored("", "", 0.0), None, [],
+                              [problem], 20_000, judge)
+            _, reward, done, info = await episode.step(
+                f"<modification>x</modification><graph>{graph}</graph><prompt>STYLE = ''</prompt>")
+        await llm.close()
+        await judge.client.close()
+        return reward, done
+
+    reward, done = asyncio.run(go())
+    lexical = 2 * (2 / 3 * 2 / 4) / (2 / 3 + 2 / 4)  # "eric blair" shared: precision 2/3... of normalized tokens
+    assert done
+    judged = [r for r in fake_openai.chat_requests if "Reference answer(s)" in r.body["messages"][0]["content"]]
+    assert len(judged) == 1 and "George Orwell (Eric Blair)" in judged[0].body["messages"][0]["content"]
+    if expected is None:
+        assert 0 < reward < 1 and reward == pytest.approx(lexical, abs=0.2)
+    else:
+        assert reward == expected

@@ -46,6 +46,7 @@ class Scored:
     cost_usd: float = 0.0
     calls: int = 0
     failures: list[dict] = field(default_factory=list)
+    outputs: list = field(default_factory=list)  # one per problem, in order
 
 
 async def score_workflow(workflow: WorkflowCode, problems: list[Problem], bench: Benchmark, llm: LLMClient,
@@ -58,7 +59,8 @@ async def score_workflow(workflow: WorkflowCode, problems: list[Problem], bench:
     failures = [{"input": r.input, "output": r.output, "score": r.score, "error": r.error,
                  "score_reason": r.score_reason} for r in records if r.score < 1][:5]
     return Scored(workflow.graph, workflow.prompt, sum(r.score for r in records) / max(1, len(records)),
-                  sum(r.cost_usd for r in records), sum(r.calls for r in records), failures)
+                  sum(r.cost_usd for r in records), sum(r.calls for r in records), failures,
+                  [r.output for r in records])
 
 
 @dataclass
@@ -88,7 +90,7 @@ class Outcome:
 class Episode:
     def __init__(self, mode: str, bench: Benchmark, llm: LLMClient, sandbox: Sandbox, tests: dict,
                  max_turns: int, start: Scored, start_round: int | None, experience: list[Experience],
-                 problems: list[Problem], max_action_chars: int):
+                 problems: list[Problem], max_action_chars: int, judge=None):
         self.mode, self.bench, self.llm, self.sandbox, self.tests = mode, bench, llm, sandbox, tests
         self.max_turns, self.start_round, self.problems = max_turns, start_round, problems
         self.current = start
@@ -97,6 +99,7 @@ class Episode:
         self.turns: list[Turn] = []
         self.nodes: list[tuple[str, Scored]] = []
         self.max_action_chars = max_action_chars
+        self.judge = judge  # optional async (problem, output) -> score in [0, 1], query mode only
         self.started = time.monotonic()
 
     @property
@@ -127,6 +130,9 @@ class Episode:
             self.turns.append(turn)
             return self._reply(turn)
         scored = await score_workflow(action.workflow, self.problems, self.bench, self.llm, self.sandbox, self.tests)
+        if self.mode == "query" and self.judge is not None and scored.outputs and scored.outputs[0] is not None:
+            # An LLM judge can only raise a lexical score that misses paraphrases, never lower it.
+            scored.score = max(scored.score, await self.judge(self.problems[0], scored.outputs[0]))
         reward = scored.score if self.mode == "query" else scored.score - self.current.score
         turn = Turn(anchor, True, reward, "", scored.score, action.modification)
         self.turns.append(turn)

@@ -29,6 +29,7 @@ from aflow.search.tree import Node, Tree
 from aflow.workflows import load_workflow
 from agent_system.config import EnvConfig
 from agent_system.environments.env_package.aflow.episode import Episode, Outcome, Scored, score_workflow
+from agent_system.reward import QA_BENCHMARKS, make_judge
 
 NAMESPACE = "aflow-rl"
 
@@ -70,6 +71,7 @@ class AFlowWorker:
         self.tasks: dict[str, TaskState] = {}
         self.episodes: dict[str, Episode] = {}
         self.task_of: dict[str, str] = {}
+        self.judge = None
 
     async def ping(self) -> int:
         return os.getpid()
@@ -114,10 +116,19 @@ class AFlowWorker:
             problem = query_problem(row, benchmark)
             seed = load_workflow(self.cfg.initial_workflow)
             tests = public_tests(bench.name, resolve_data_dir(self.cfg.data_dir)) if bench.is_code else {}
+            judge = self._judge() if bench.name in QA_BENCHMARKS else None
             episode = Episode("query", bench, self.llm, sandbox, tests, self.cfg.max_turns,
-                              Scored(seed.graph, seed.prompt, 0.0), None, [], [problem], self.cfg.max_action_chars)
+                              Scored(seed.graph, seed.prompt, 0.0), None, [], [problem], self.cfg.max_action_chars,
+                              judge)
         self.episodes[episode_id] = episode
         return {"observation": episode.observation(), "anchor_state": episode.current.graph}
+
+    def _judge(self):
+        if self.cfg.reward.judge is None or not self.cfg.reward.judge.base_url:
+            return None
+        if self.judge is None:
+            self.judge = make_judge(self.cfg.reward.judge)
+        return self.judge
 
     async def step(self, episode_id: str, text: str) -> dict:
         episode = self.episodes[episode_id]
