@@ -10,6 +10,20 @@ import pytest
 from tests.fake_openai import FakeOpenAI
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_response_cache(tmp_path_factory):
+    """Executor responses are cached under $XDG_CACHE_HOME/aflow: tests get a cache of their own,
+    so a reply cached by one test (or by a user's runs) never stands in for a request another
+    test expects to reach its server. The converted policy model stays in the user's cache."""
+    saved = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = saved
+
+
 def pytest_addoption(parser):
     parser.addoption("--data-dir", default=None, help="AFlow JSONL directory (default: $AFLOW_DATA_DIR)")
 

@@ -13,20 +13,10 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from tests.samples import action
+
 pytestmark = pytest.mark.slow
 
-GRAPH = """from aflow_ops import Custom
-import prompt
-
-
-class Workflow:
-    def __init__(self):
-        self.custom = Custom()
-
-    async def __call__(self, problem):
-        result = await self.custom(input=problem, instruction=prompt.STYLE)
-        return result["response"]
-"""
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +78,6 @@ class ScriptedPolicy:
         return TokenOutput(token_ids=ids, log_probs=[-1.0] * len(ids))
 
 
-def action(n):
-    return (f"<modification>Answer style {n}.</modification><graph>{GRAPH}</graph>"
-            f"<prompt>STYLE = 'Give only the number. v{n}'</prompt>")
 
 
 def row(uid="u-1"):

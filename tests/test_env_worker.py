@@ -12,24 +12,7 @@ from agent_system.environments.env_package.aflow import AFlowEnvs
 from agent_system.environments.env_package.aflow.episode import anchor_of
 from agent_system.environments.env_package.aflow.manager import AFlowEnvironmentManager
 from agent_system.reward import episode_reward, group_diversity_bonus, operators_used
-
-GRAPH = """from aflow_ops import Custom
-import prompt
-
-
-class Workflow:
-    def __init__(self):
-        self.custom = Custom()
-
-    async def __call__(self, problem):
-        result = await self.custom(input=problem, instruction=prompt.STYLE)
-        return result["response"]
-"""
-
-
-def action(n: int) -> str:
-    return (f"<modification>Answer style {n}.</modification><graph>{GRAPH}</graph>"
-            f"<prompt>STYLE = 'Give only the final number. v{n}'</prompt>")
+from tests.samples import GRAPH, action
 
 
 def start_graph(observation: str) -> str:

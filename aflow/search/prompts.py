@@ -5,7 +5,8 @@ from __future__ import annotations
 from aflow.operators import catalogue
 from aflow.search.experience import Experience
 
-OPTIMIZER_PROMPT = """You improve agentic workflows for the {benchmark} benchmark. A workflow is Python code:
+# How a workflow is written: shared by every prompt that asks a model for one.
+WORKFLOW_FORMAT = """A workflow is Python code:
 graph.py defines `class Workflow` whose `async def __call__(self, problem{extra_args})` returns the
 answer, calling operators imported from `aflow_ops`; prompt.py holds the prompt strings it uses
 (imported as `import prompt`). Allowed imports: aflow_ops, prompt, asyncio, re, json, math, typing,
@@ -13,7 +14,9 @@ collections, itertools, functools, random, string.
 
 Operators (construct with no arguments, e.g. `self.custom = Custom()`, then `await self.custom(...)`):
 {operators}
+"""
 
+OPTIMIZER_PROMPT = """You improve agentic workflows for the {benchmark} benchmark. {workflow_format}
 Current workflow (validation score {score:.4f}):
 <graph>
 {graph}
@@ -60,10 +63,14 @@ def format_failures(failures: list[dict], limit: int = 3, chars: int = 600) -> s
     return "\n".join(parts)
 
 
+def workflow_format(code_benchmark: bool) -> str:
+    return WORKFLOW_FORMAT.format(extra_args=", entry_point" if code_benchmark else "", operators=catalogue())
+
+
 def optimizer_prompt(benchmark: str, graph: str, prompt: str, score: float, experience: list[Experience],
                      failures: list[dict], code_benchmark: bool = False) -> str:
     return OPTIMIZER_PROMPT.format(
-        benchmark=benchmark, extra_args=", entry_point" if code_benchmark else "", operators=catalogue(),
+        benchmark=benchmark, workflow_format=workflow_format(code_benchmark),
         score=score, graph=graph.strip(), prompt=prompt.strip(), experience=format_experience(experience),
         failures=format_failures(failures),
     )

@@ -3,18 +3,9 @@ trained here is prompted the same way when it later serves as the optimizer of a
 
 from __future__ import annotations
 
-from aflow.operators import catalogue
-from aflow.search.prompts import optimizer_prompt
+from aflow.search.prompts import optimizer_prompt, workflow_format
 
-QUERY_PROMPT = """Write an agentic workflow that solves this {benchmark} problem. A workflow is Python code:
-graph.py defines `class Workflow` whose `async def __call__(self, problem{extra_args})` returns the
-answer, calling operators imported from `aflow_ops`; prompt.py holds the prompt strings it uses
-(imported as `import prompt`). Allowed imports: aflow_ops, prompt, asyncio, re, json, math, typing,
-collections, itertools, functools, random, string.
-
-Operators (construct with no arguments, e.g. `self.custom = Custom()`, then `await self.custom(...)`):
-{operators}
-
+QUERY_PROMPT = """Write an agentic workflow that solves this {benchmark} problem. {workflow_format}
 Problem:
 {problem}
 
@@ -43,8 +34,8 @@ def task_observation(benchmark: str, graph: str, prompt: str, score: float, expe
 
 def query_observation(benchmark: str, problem: str, graph: str, prompt: str, code_benchmark: bool,
                       feedback: str = "") -> str:
-    return QUERY_PROMPT.format(benchmark=benchmark, extra_args=", entry_point" if code_benchmark else "",
-                               operators=catalogue(), problem=problem[:6000], graph=graph.strip(),
+    return QUERY_PROMPT.format(benchmark=benchmark, workflow_format=workflow_format(code_benchmark),
+                               problem=problem[:6000], graph=graph.strip(),
                                prompt=prompt.strip(), feedback=f"\n{feedback}\n" if feedback else "")
 
 
