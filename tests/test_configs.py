@@ -273,3 +273,40 @@ def test_other_estimators_compose_and_validate(overrides, critic):
     dry_run.validate(config)
     assert config.algorithm.adv_estimator == overrides[0].split("=")[1]
     assert need_critic(config) is critic
+
+
+@pytest.mark.slow
+def test_launch_refuses_a_plan_the_real_cluster_cannot_fit(tmp_path):
+    """A real local Ray head (no GPU): `bash launch.sh` must refuse at once with one message and
+    submit no job, instead of letting the trainer wait forever for resources."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**_env(tmp_path), "RAY_AUTH_MODE": "token"}
+    ray_bin = str(Path(sys.executable).with_name("ray"))
+    temp_dir = f"/tmp/ray-t{port}"  # short: Ray's unix sockets live under it; also how we find our processes
+    start = subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--num-cpus", "2", "--num-gpus", "0",
+                            "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir],
+                           capture_output=True, text=True, env=env, timeout=180)
+    assert start.returncode == 0, start.stderr[-2000:]
+    try:
+        address = f"127.0.0.1:{port}"
+        launch = subprocess.run(["bash", str(ROOT / "launch.sh"), "preset=cpu-smoke"], cwd=tmp_path,
+                                capture_output=True, text=True, env={**env, "RAY_ADDRESS": address}, timeout=300)
+        assert launch.returncode == 3, launch.stdout[-1500:] + launch.stderr[-1500:]
+        refusal = [line for line in launch.stderr.splitlines() if "trainer.n_gpus_per_node" in line]
+        assert len(refusal) == 1 and "GPU" in refusal[0]
+        assert "submitting" not in launch.stdout + launch.stderr
+    finally:  # stop only this head (`ray stop` would stop every Ray on the machine, the tests' own too)
+        for pid in os.listdir("/proc"):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if pid.isdigit() and temp_dir.encode() in cmdline:
+                try:
+                    os.kill(int(pid), 9)
+                except ProcessLookupError:
+                    pass
