@@ -21,7 +21,7 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetr
 
 from agent_system.config import EnvConfig
 from agent_system.environments.env_package.aflow.manager import AFlowEnvironmentManager
-from agent_system.environments.env_package.aflow.worker import route, worker_handle
+from agent_system.environments.env_package.aflow.worker import forget_worker, route, worker_handle
 from agent_system.reward import episode_reward, operators_used
 
 logger = logging.getLogger(__name__)
@@ -59,6 +59,7 @@ class AFlowAgentLoop(AgentLoopBase):
         try:
             reset = await self._call(worker.reset.remote(episode_id, uid, row))
         except Exception as exc:  # a dead, hung or misconfigured worker fails this episode only
+            forget_worker(worker)
             return self._failed_output(list(kwargs["raw_prompt"]), f"reset failed: {_reason(exc)}")
 
         messages = [manager.user_message(reset["observation"])]
@@ -85,6 +86,7 @@ class AFlowAgentLoop(AgentLoopBase):
             try:
                 step = await self._call(worker.step.remote(episode_id, text))
             except Exception as exc:  # the environment failed mid-episode
+                forget_worker(worker)
                 failed = f"step failed: {_reason(exc)}"
                 anchors.append("")
                 step_rewards.append(0.0)

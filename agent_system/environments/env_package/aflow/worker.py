@@ -198,18 +198,37 @@ def worker_name(index: int, env_config: dict, workdir: str | None = None) -> str
     return f"aflow-worker-{index}-{digest[:10]}"
 
 
+# Handles this process owns. A named, non-detached Ray actor lives only while its owner (the process
+# that created it) holds a handle: without this registry the worker would die with the first
+# episode that created it, under the feet of the episodes still using it. The registry dies with
+# the process (a verl agent-loop worker, the local trainer), and the actors with it.
+_OWNED: dict[str, Any] = {}
+
+
+def forget_worker(handle) -> None:
+    """Drop a handle whose actor died, so the next episode creates the worker again."""
+    for name, owned in list(_OWNED.items()):
+        if owned is handle:
+            del _OWNED[name]
+
+
 def worker_handle(index: int, env_config: dict, workdir: str | None = None):
     """The named actor for worker `index`, created on first use with the configured resources."""
     import ray
 
+    name = worker_name(index, env_config, workdir)
+    if name in _OWNED:
+        return _OWNED[name]
     cfg = EnvConfig.from_dict(env_config)
     resources = dict(cfg.resources_per_worker)
     actor = ray.remote(AFlowWorker).options(
-        name=worker_name(index, env_config, workdir), namespace=NAMESPACE, get_if_exists=True,
+        name=name, namespace=NAMESPACE, get_if_exists=True,
         num_cpus=resources.get("num_cpus", 0.5), num_gpus=resources.get("num_gpus", 0.0), max_concurrency=256,
         max_restarts=0,
     )
-    return actor.remote(env_config, workdir)
+    handle = actor.remote(env_config, workdir)
+    _OWNED[name] = handle
+    return handle
 
 
 def route(cfg: EnvConfig, benchmark: str, uid: str) -> int:

@@ -1,0 +1,163 @@
+"""The single-machine trainer backend (recipes/local_trainer.py).
+
+1. A real AFlow run in query mode (gsm8k rows from data_prep.build, AFlowWorker actors on the local Ray
+   cluster, the embedded executor, the embedded SmolLM2 policy): 2 steps, a checkpoint, then a resumed
+   third step with the optimizer state restored.
+2. Proof of learning: a tiny randomly initialised Llama (hidden 64, 2 layers, SmolLM2 tokenizer) trained by
+   the SAME trainer (rollout through CPUServerManager + an agent loop, verl's GRPO advantage, verl's
+   clipped policy loss + KL, AdamW) on a verifiable toy reward: the fraction of generated tokens that
+   start a new word (SmolLM2 BPE tokens beginning with "Ġ"). Under the random policy about 65% of the
+   vocabulary qualifies, so GRPO groups have reward variance from step 1 (an AFlow `<modification>` tag
+   has a ~0 base rate under a random 49k-token policy and would give no learning signal in CI time).
+   The mean reward of the last 5 steps must beat the first 5 by at least MARGIN = 0.20 (measured: about
+   0.66 -> 0.98 in 30 steps, ~0.7 s per step). The control run with lr=0 (same seeds, same code path)
+   must NOT reach the margin: a policy that does not learn stays at the base rate, where 5-step means
+   of 128 tokens fluctuate by ~0.02, so the margin is ~7 standard deviations of that noise.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput
+
+pytestmark = pytest.mark.slow
+
+MARGIN = 0.20
+
+
+def compose(overrides):
+    from recipes.train import compose as train_compose
+
+    return train_compose(["preset=cpu-smoke", "trainer.backend=local", *overrides])
+
+
+# ------------------------------------------------------------------------------ real environment
+
+
+@pytest.fixture(scope="module")
+def query_parquet(data_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("query-data")
+    subprocess.run([sys.executable, "-m", "data_prep.build", "--benchmarks", "gsm8k", "--mode", "query",
+                    "--out", str(out), "--data-dir", str(data_dir)], check=True, capture_output=True)
+    frame = pd.read_parquet(out / "train.parquet").iloc[:4]
+    path = out / "few.parquet"
+    frame.to_parquet(path)
+    return path
+
+
+def real_overrides(parquet, data_dir, executor, ckpt, steps, *extra):
+    return [f"data.train_files={parquet}", "data.train_batch_size=2", "actor_rollout_ref.rollout.n=2",
+            "actor_rollout_ref.model.path=embedded", "actor_rollout_ref.actor.use_kl_loss=false",
+            "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=2",
+            "env.mode=query", "env.max_turns=1", "env.eval_subset_size=1", "env.num_workers=1",
+            f"env.data_dir={data_dir}", f"env.executor.base_url={executor.base_url}",
+            f"env.executor.model={executor.model}", "env.executor.max_tokens=48",
+            "local_trainer.max_tokens=48", f"trainer.default_local_dir={ckpt}",
+            f"trainer.total_training_steps={steps}", "trainer.logger=[console]", *extra]
+
+
+def test_query_mode_run_checkpoint_and_resume(ray_cluster, embedded_executor, data_dir, query_parquet, tmp_path):
+    from recipes import local_trainer
+
+    ckpt = tmp_path / "ckpt"
+    first = local_trainer.main(compose(real_overrides(query_parquet, data_dir, embedded_executor, ckpt, 2,
+                                                      "trainer.resume_mode=disable")))
+    assert first["global_step"] == 2 and len(first["history"]) == 2
+    step2 = ckpt / "global_step_2"
+    assert (step2 / "config.json").is_file() and any(step2.glob("*.safetensors"))
+    assert (step2 / "tokenizer_config.json").is_file() and (step2 / "trainer_state.pt").is_file()
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text() == "2"
+    assert Path(first["plot"]).is_file()
+    saved = torch.load(step2 / "trainer_state.pt", weights_only=False)
+    assert saved["global_step"] == 2
+    saved_steps = {float(s["step"]) for s in saved["optimizer"]["state"].values()}
+    assert saved_steps == {2.0}  # one AdamW step per training step
+
+    second = local_trainer.main(compose(real_overrides(
+        query_parquet, data_dir, embedded_executor, ckpt, 3, "trainer.resume_mode=resume_path",
+        f"trainer.resume_from_path={step2}")))
+    assert second["resumed_from"] == str(step2)
+    assert second["resumed_optimizer_step"] == 2.0  # the optimizer state was loaded, not fresh
+    assert second["global_step"] == 3 and [h["step"] for h in second["history"]] == [1, 2, 3]
+    state3 = torch.load(ckpt / "global_step_3" / "trainer_state.pt", weights_only=False)
+    assert {float(s["step"]) for s in state3["optimizer"]["state"].values()} == {3.0}
+    lines = [json.loads(line) for line in Path(second["metrics"]).read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    assert all("critic/score/mean" in line["data"] and "actor/loss" in line["data"] for line in lines)
+    # the env actors stay alive for the whole run (no episode lost to a garbage-collected worker)
+    assert all(line["data"]["env/failed_episodes"] == 0 for line in lines)
+
+
+# ------------------------------------------------------------------------------ proof of learning
+
+
+class WordStartLoop(AgentLoopBase):
+    """One generation per row; reward = fraction of generated tokens that start a word ("Ġ...")."""
+
+    async def run(self, sampling_params, **kwargs) -> AgentLoopOutput:
+        prompt_ids = self.tokenizer.apply_chat_template(kwargs["raw_prompt"], add_generation_prompt=True,
+                                                        tokenize=True)
+        if not isinstance(prompt_ids, list):
+            prompt_ids = list(prompt_ids["input_ids"])
+        out = await self.server_manager.generate(request_id=kwargs["uid"], prompt_ids=prompt_ids,
+                                                 sampling_params=sampling_params)
+        tokens = self.tokenizer.convert_ids_to_tokens(out.token_ids)
+        reward = sum(1 for t in tokens if t.startswith("Ġ")) / max(1, len(tokens))
+        return AgentLoopOutput(prompt_ids=prompt_ids, response_ids=list(out.token_ids),
+                               response_mask=[1] * len(out.token_ids), response_logprobs=out.log_probs,
+                               reward_score=reward, num_turns=2, metrics=AgentLoopMetrics(), extra_fields={})
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from agent_system.policy_model import load_policy, resolve_cache_dir
+
+    if not (resolve_cache_dir() / "config.json").is_file():
+        load_policy(None)  # converts the embedded SmolLM2 once (for its tokenizer)
+    tokenizer = AutoTokenizer.from_pretrained(str(resolve_cache_dir()))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                         max_position_embeddings=512, tie_word_embeddings=True,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("lr, learns", [(0.02, True), (0.0, False)], ids=["train", "control-lr0"])
+def test_policy_learns_toy_reward(tiny_model_dir, tmp_path, lr, learns):
+    from recipes import local_trainer
+
+    prompts = ["Propose a workflow modification.", "Improve the graph.", "Answer with a change.",
+               "Edit the prompt."]
+    pd.DataFrame({"data_source": ["toy"] * 4, "prompt": [[{"role": "user", "content": p}] for p in prompts],
+                  "reward_model": [{"style": "rule", "ground_truth": ""}] * 4,
+                  "extra_info": [{"index": i} for i in range(4)]}).to_parquet(tmp_path / "toy.parquet")
+    steps = 30
+    summary = local_trainer.main(compose([
+        f"data.train_files={tmp_path / 'toy.parquet'}", "data.train_batch_size=2", "actor_rollout_ref.rollout.n=4",
+        f"actor_rollout_ref.model.path={tiny_model_dir}", "actor_rollout_ref.actor.use_kl_loss=true",
+        "actor_rollout_ref.actor.kl_loss_coef=0.001", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+        f"local_trainer.lr={lr}", "local_trainer.max_tokens=16", "local_trainer.environment=false",
+        "local_trainer.agent_loop=tests.test_local_trainer.WordStartLoop",
+        f"trainer.default_local_dir={tmp_path / 'ckpt'}", f"trainer.total_training_steps={steps}",
+        "trainer.resume_mode=disable", "trainer.logger=[console]"]))
+    rewards = [h["reward"] for h in summary["history"]]
+    assert len(rewards) == steps
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    print(f"toy reward: first 5 steps {first:.3f}, last 5 steps {last:.3f}")
+    if learns:
+        assert last - first >= MARGIN, f"the policy did not learn: first 5 {first:.3f}, last 5 {last:.3f}"
+    else:
+        assert last - first < MARGIN, f"the lr=0 control moved: first 5 {first:.3f}, last 5 {last:.3f}"
