@@ -54,9 +54,18 @@ def embedded_executor():
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A real local Ray cluster for the session (2 CPUs: the size of this machine)."""
+def _ray_session():
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, namespace="aflow-rl-tests")
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_cluster(_ray_session):
+    """A real local Ray cluster (2 CPUs: the size of this machine), shared by the session; the
+    AFlow workers a test created are released after it, so their CPUs are free for the next."""
+    from agent_system.environments.env_package.aflow.worker import release_workers
+
+    yield _ray_session
+    release_workers()

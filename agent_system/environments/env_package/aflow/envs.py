@@ -34,8 +34,12 @@ class AFlowEnvs:
                 self.episodes.append((worker, episode_id))
                 self.uids.append(uid)
                 calls.append(worker.reset.remote(episode_id, uid, row))
-        results = await asyncio.gather(*calls)
+        results = await asyncio.gather(*(self._call(c) for c in calls))
         return [r["observation"] for r in results], [{"uid": u} for u in self.uids]
+
+    async def _call(self, ref):
+        """Every actor call is bounded: a worker that cannot be placed or hangs is an error, not a wait."""
+        return await asyncio.wait_for(ref, timeout=self.cfg.actor_timeout_s)
 
     async def step(self, texts: list[str | None]) -> tuple[list[str], list[float], list[bool], list[dict]]:
         """One action per episode; None skips an episode that is already done."""
@@ -43,11 +47,11 @@ class AFlowEnvs:
             if text is None:
                 return {"observation": "", "reward": 0.0, "done": True, "info": {"skipped": True}}
             worker, episode_id = self.episodes[i]
-            return await worker.step.remote(episode_id, text)
+            return await self._call(worker.step.remote(episode_id, text))
 
         results = await asyncio.gather(*(one(i, t) for i, t in enumerate(texts)))
         return ([r["observation"] for r in results], [r["reward"] for r in results], [r["done"] for r in results],
                 [r["info"] for r in results])
 
     async def close(self) -> list[dict]:
-        return await asyncio.gather(*(worker.close.remote(episode_id) for worker, episode_id in self.episodes))
+        return await asyncio.gather(*(self._call(worker.close.remote(episode_id)) for worker, episode_id in self.episodes))

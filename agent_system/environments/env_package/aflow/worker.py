@@ -212,6 +212,19 @@ def forget_worker(handle) -> None:
             del _OWNED[name]
 
 
+def release_workers() -> None:
+    """Kill every worker this process owns (end of a run, or between tests sharing a cluster:
+    live workers hold their CPUs, and a cluster full of idle workers cannot place new ones)."""
+    import ray
+
+    for handle in list(_OWNED.values()):
+        try:
+            ray.kill(handle, no_restart=True)
+        except Exception:  # already dead: nothing to release
+            pass
+    _OWNED.clear()
+
+
 def worker_handle(index: int, env_config: dict, workdir: str | None = None):
     """The named actor for worker `index`, created on first use with the configured resources."""
     import ray
