@@ -222,15 +222,6 @@ def test_launch_sh_dry_run_invalid_is_exit_2(tmp_path):
     assert result.stderr.strip().splitlines()[-1].startswith("dry run: invalid config:")
 
 
-def test_train_local_backend_not_available_yet(tmp_path):
-    if (ROOT / "recipes" / "local_trainer.py").exists():
-        pytest.skip("recipes/local_trainer.py exists: the local backend is implemented")
-    result = subprocess.run([sys.executable, "-m", "recipes.train", "preset=cpu-smoke", "trainer.backend=local"],
-                            cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1] == "local backend not available yet"
-
-
 def test_task_runner_subclasses_verl_task_runner():
     from verl.trainer.main_ppo_v0 import TaskRunner
 
