@@ -18,12 +18,7 @@ Operators (construct with no arguments, e.g. `self.custom = Custom()`, then `awa
 
 OPTIMIZER_PROMPT = """You improve agentic workflows for the {benchmark} benchmark. {workflow_format}
 Current workflow (validation score {score:.4f}):
-<graph>
-{graph}
-</graph>
-<prompt>
-{prompt}
-</prompt>
+{workflow}
 
 Modifications already tried from this workflow:
 {experience}
@@ -63,6 +58,11 @@ def format_failures(failures: list[dict], limit: int = 3, chars: int = 600) -> s
     return "\n".join(parts)
 
 
+def workflow_block(graph: str, prompt: str) -> str:
+    """A workflow as the tagged text every prompt shows (and the projection reads back)."""
+    return f"<graph>\n{graph.strip()}\n</graph>\n<prompt>\n{prompt.strip()}\n</prompt>"
+
+
 def workflow_format(code_benchmark: bool) -> str:
     return WORKFLOW_FORMAT.format(extra_args=", entry_point" if code_benchmark else "", operators=catalogue())
 
@@ -71,6 +71,6 @@ def optimizer_prompt(benchmark: str, graph: str, prompt: str, score: float, expe
                      failures: list[dict], code_benchmark: bool = False) -> str:
     return OPTIMIZER_PROMPT.format(
         benchmark=benchmark, workflow_format=workflow_format(code_benchmark),
-        score=score, graph=graph.strip(), prompt=prompt.strip(), experience=format_experience(experience),
+        score=score, workflow=workflow_block(graph, prompt), experience=format_experience(experience),
         failures=format_failures(failures),
     )

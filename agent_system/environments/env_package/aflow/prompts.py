@@ -3,19 +3,14 @@ trained here is prompted the same way when it later serves as the optimizer of a
 
 from __future__ import annotations
 
-from aflow.search.prompts import optimizer_prompt, workflow_format
+from aflow.search.prompts import optimizer_prompt, workflow_block, workflow_format
 
 QUERY_PROMPT = """Write an agentic workflow that solves this {benchmark} problem. {workflow_format}
 Problem:
 {problem}
 
 A workflow to start from:
-<graph>
-{graph}
-</graph>
-<prompt>
-{prompt}
-</prompt>
+{workflow}
 {feedback}
 Answer exactly in this format:
 <modification>one sentence: what your workflow does</modification>
@@ -35,8 +30,7 @@ def task_observation(benchmark: str, graph: str, prompt: str, score: float, expe
 def query_observation(benchmark: str, problem: str, graph: str, prompt: str, code_benchmark: bool,
                       feedback: str = "") -> str:
     return QUERY_PROMPT.format(benchmark=benchmark, workflow_format=workflow_format(code_benchmark),
-                               problem=problem[:6000], graph=graph.strip(),
-                               prompt=prompt.strip(), feedback=f"\n{feedback}\n" if feedback else "")
+                               problem=problem[:6000], workflow=workflow_block(graph, prompt), feedback=f"\n{feedback}\n" if feedback else "")
 
 
 def turn_feedback(reward: float, reason: str, score: float | None) -> str:
