@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="validate", choices=SPLITS)
     ev.add_argument("--workflow", default="builtin:io", help="DIR | builtin:io | builtin:cot | builtin:gold")
     ev.add_argument("--limit", type=int, default=None)
-    ev.add_argument("--concurrency", type=int, default=8)
+    ev.add_argument("--concurrency", type=int, default=8,
+                    help="executor calls in flight (problems without calls: runs at once)")
     ev.add_argument("--data-dir", default=None, help="AFlow JSONL directory (default: $AFLOW_DATA_DIR)")
     _add_endpoint_args(ev, "executor")
     ev.add_argument("--no-cache", action="store_true", help="do not read or write the response cache")
@@ -118,6 +119,8 @@ async def _evaluate(args: argparse.Namespace, endpoint: LLMConfig | None):
     config = EvalConfig(benchmark=args.benchmark, split=args.split, workflow=args.workflow, limit=args.limit,
                         concurrency=args.concurrency, data_dir=resolve_data_dir(args.data_dir),
                         out=Path(args.out) if args.out else None)
+    if endpoint is not None:  # --concurrency bounds the executor calls in flight
+        endpoint.max_concurrency = max(1, args.concurrency)
     llm = LLMClient(endpoint) if endpoint is not None else None
     try:
         if llm:

@@ -95,7 +95,7 @@ async def evaluate(config: EvalConfig, llm: LLMClient | None, progress: bool = T
     tests = public_tests(bench.name, config.data_dir) if bench.is_code else {}
     out = Path(config.out) if config.out else None
     appender = JsonlAppender(out / "results.jsonl") if out else None
-    semaphore = asyncio.Semaphore(max(1, config.concurrency))
+    semaphore = asyncio.Semaphore(problems_in_flight(config.concurrency, llm))
     usage_before = Usage(**asdict(llm.usage)) if llm else Usage()
     records: list[Record] = []
     isolation: list[str] = []
@@ -138,6 +138,15 @@ async def evaluate(config: EvalConfig, llm: LLMClient | None, progress: bool = T
     if out:
         atomic_write_json(out / "summary.json", asdict(summary))
     return summary, records
+
+
+def problems_in_flight(concurrency: int, llm: LLMClient | None) -> int:
+    """How many problems run at once. The executor is the bottleneck: `concurrency` bounds its
+    calls in flight (the client's semaphore), and twice as many problems are started so that
+    when a call ends, another problem's sandbox is already up and waiting to use the slot,
+    instead of the slot idling through one problem's teardown and the next one's start-up."""
+    concurrency = max(1, concurrency)
+    return 2 * concurrency if llm is not None else concurrency
 
 
 def _progress_bar(total: int, label: str, enabled: bool):

@@ -179,3 +179,14 @@ def test_malformed_line_is_one_failed_record(tmp_path, fake_openai, gsm8k):
     good = [r for r in records if r["error"] is None]
     assert {r["id"] for r in good} == {str(row["id"]) for row in rows}
     assert all(r["score"] == 1.0 for r in good)
+
+
+def test_concurrency_bounds_the_executor_calls_in_flight(tmp_path, gsm8k):
+    """`--concurrency C` is the executor's bound: never more than C calls at once, and the
+    extra problems kept in flight fill every freed slot, so C are reached."""
+    with FakeOpenAI(latency=0.3) as fake:
+        result = aflow_evaluate(tmp_path, gsm8k.parent, "--limit", "12", "--concurrency", "3", "--no-cache",
+                                base_url=fake.base_url)
+        assert result.returncode == 0, result.stderr
+        assert fake.count == 12
+        assert fake.max_in_flight == 3
