@@ -121,6 +121,19 @@ def test_log_probs_match_an_independent_forward_pass(policy, prompt_ids, params,
         assert out.token_ids == logits.argmax(dim=-1).tolist()
 
 
+def test_allowed_token_ids_restrict_sampling_and_renormalise(server, policy, prompt_ids):
+    model, _ = policy
+    allowed = [330, 389, 340, 422]  # " A", " B", " C", " D" in the SmolLM2 tokenizer
+    out = generate(server, prompt_ids, **SAMPLE, max_tokens=12, seed=3, allowed_token_ids=allowed)
+    assert len(out.token_ids) == 12 and set(out.token_ids) <= set(allowed)  # EOS is not allowed: no early stop
+    logits = full_forward_logits(model, prompt_ids, out.token_ids)[:, allowed]
+    index = torch.tensor([allowed.index(t) for t in out.token_ids])
+    expected = torch.log_softmax(logits, dim=-1).gather(-1, index[:, None])[:, 0]
+    assert torch.allclose(torch.tensor(out.log_probs), expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        generate(server, prompt_ids, **SAMPLE, max_tokens=2, allowed_token_ids=[10**9])
+
+
 # (c) ---------------------------------------------------------------------------------------------
 
 

@@ -16,7 +16,9 @@ What it reproduces from verl's vLLM server (`vllm_rollout/vllm_async_server.py`)
 - sampling_params keys: `temperature`, `top_p`, `top_k` (-1 or 0 = off), `min_p`, `repetition_penalty`,
   `presence_penalty`, `frequency_penalty`, `logprobs` (truthy -> return log-probs, else `log_probs=None`),
   `max_tokens` (or sglang-style `max_new_tokens`), `seed`, `stop_token_ids`, `stop` (strings), `ignore_eos`,
-  `min_tokens`. The dict is copied, never mutated. Without `max_tokens` the budget is
+  `min_tokens`, `allowed_token_ids` (only these can be sampled: the rest are masked to -inf before sampling,
+  so "processed_logprobs" are over the allowed set). The dict is copied, never mutated. Without `max_tokens`
+  the budget is
   `min(response_length, prompt_length + response_length - len(prompt))` (or `response_length` when no
   prompt_length is known), clamped to `[1, max_model_len - len(prompt)]`; a prompt that leaves no room raises.
 - temperature < 1e-5 is greedy (argmax). Otherwise: penalties, then logits / temperature, min_p, top-k, top-p,
@@ -88,6 +90,7 @@ _SUPPORTED_KEYS = frozenset(
         "stop",
         "ignore_eos",
         "min_tokens",
+        "allowed_token_ids",
         "n",
     }
 )
@@ -113,6 +116,7 @@ class _Request:
     stop_ids: frozenset[int]
     stop_strings: tuple[str, ...]
     min_tokens: int
+    allowed_ids: tuple[int, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -315,6 +319,14 @@ class CPUServerManager(LLMServerClient):
         stop = params.get("stop") or ()
         stop_strings = (stop,) if isinstance(stop, str) else tuple(stop)
 
+        allowed = params.get("allowed_token_ids")
+        allowed_ids = None
+        if allowed is not None:
+            allowed_ids = tuple(sorted({int(t) for t in allowed}))
+            vocab = self._vocab_size()
+            if not allowed_ids or allowed_ids[0] < 0 or allowed_ids[-1] >= vocab:
+                raise ValueError(f"allowed_token_ids must be a non-empty list of token ids in [0, {vocab})")
+
         seed = params.get("seed")
         if seed is None and self.base_seed is not None:
             if self.full_determinism:
@@ -341,7 +353,14 @@ class CPUServerManager(LLMServerClient):
             stop_ids=frozenset(stop_ids),
             stop_strings=stop_strings,
             min_tokens=int(_value(params, "min_tokens", 0)),
+            allowed_ids=allowed_ids,
         )
+
+    def _vocab_size(self) -> int:
+        embeddings = self.model.get_output_embeddings() if hasattr(self.model, "get_output_embeddings") else None
+        if embeddings is not None and hasattr(embeddings, "weight"):
+            return int(embeddings.weight.shape[0])
+        return int(self.model.config.vocab_size)
 
     # ------------------------------------------------------------------ generation (worker thread)
 
@@ -370,11 +389,16 @@ class CPUServerManager(LLMServerClient):
         counts = torch.zeros(vocab, dtype=torch.float32)  # output tokens (presence/frequency penalties)
         stop_mask = torch.zeros(vocab, dtype=torch.bool)
         stop_mask[torch.tensor([t for t in request.stop_ids if 0 <= t < vocab], dtype=torch.long)] = True
+        disallowed = None
+        if request.allowed_ids is not None:
+            disallowed = torch.ones(vocab, dtype=torch.bool)
+            disallowed[torch.tensor(request.allowed_ids, dtype=torch.long)] = False
 
         token_ids: list[int] = []
         log_probs: list[float] = []
         while True:
-            token, log_prob = self._sample(logits, request, generator, seen, counts, stop_mask, len(token_ids))
+            token, log_prob = self._sample(logits, request, generator, seen, counts, stop_mask, len(token_ids),
+                                           disallowed)
             token_ids.append(token)
             log_probs.append(log_prob)
             seen[token] = True
@@ -399,9 +423,12 @@ class CPUServerManager(LLMServerClient):
         counts: torch.Tensor,
         stop_mask: torch.Tensor,
         num_generated: int,
+        disallowed: torch.Tensor | None = None,
     ) -> tuple[int, float]:
         raw_logits = logits
         logits = logits.clone()
+        if disallowed is not None:
+            logits[disallowed] = -math.inf
         if num_generated < request.min_tokens:
             logits[stop_mask] = -math.inf
         if request.repetition_penalty != 1.0:

@@ -1,0 +1,99 @@
+"""A verifiable toy task built from the project's own pieces, small enough to learn in CI time.
+
+"Design a workflow" reduced to its skeleton: the prompt shows AFlow's operator catalogue
+(`aflow.operators.OPERATORS`) as a lettered menu and names a benchmark; the policy answers with
+`CHAIN_LENGTH` letters (sampling restricted to the menu letters through the rollout's
+`allowed_token_ids`, as vLLM would restrict it). The letters become a chained workflow
+(`chain_graph`), which must pass the real static checks (`aflow.workflows.from_source`); the
+reward is the Jaccard overlap between the operators it uses (`agent_system.reward.operators_used`)
+and the benchmark's target set, 0 when the checks reject it.
+
+A random-init model picks letters at random (expected reward about 0.2); a policy that learns
+which operators each benchmark wants approaches 1. Used by the proof-of-learning test and by
+bench/grpo_step.py.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput
+
+from aflow.operators import OPERATOR_NAMES, OPERATORS
+from aflow.workflows import WorkflowCheckError, from_source
+from agent_system.reward import operators_used
+
+LETTERS = [chr(ord("A") + i) for i in range(len(OPERATOR_NAMES))]
+CHAIN_LENGTH = 4
+TARGETS = {
+    "gsm8k": ("AnswerGenerate", "Programmer"),
+    "humaneval": ("CustomCodeGenerate", "Test"),
+    "hotpotqa": ("AnswerGenerate", "ScEnsemble"),
+    "math": ("Programmer", "Format"),
+}
+_ARGUMENT = re.compile(r"(\w+):")
+
+
+def prompt_text(benchmark: str) -> str:
+    menu = "\n".join(f"{letter}) {name}: {OPERATORS[name].description}" for letter, name in zip(LETTERS, OPERATOR_NAMES,
+                                                                                           strict=True))
+    return (f"Operators:\n{menu}\n\nDesign a workflow for the benchmark below: reply with {CHAIN_LENGTH} "
+            f"letters, the operators to call in order.\nBenchmark: {benchmark}")
+
+
+def chain_graph(names: list[str]) -> str:
+    """A native workflow calling `names` in order, each fed the previous step's text."""
+    lines = [f"from aflow_ops import {', '.join(sorted(set(names)))}", "", "", "class Workflow:",
+             "    async def __call__(self, problem):", "        text = problem"]
+    for name in names:
+        arguments = []
+        for arg in _ARGUMENT.findall(OPERATORS[name].interface.split("->")[0]):
+            value = {"problem": "problem", "input": "problem", "entry_point": "'solve'", "solutions": "[text]"}
+            arguments.append(f"{arg}={value.get(arg, 'text')}")
+        lines.append(f"        result = await {name}({', '.join(arguments)})")
+        lines.append("        text = str(next(iter(result.values())))")
+    lines.append("        return text")
+    return "\n".join(lines) + "\n"
+
+
+def chain_reward(letters: list[str], benchmark: str) -> float:
+    names = [OPERATOR_NAMES[LETTERS.index(x)] for x in letters if x in LETTERS]
+    if not names:
+        return 0.0
+    try:
+        graph = from_source(chain_graph(names)).graph
+    except WorkflowCheckError:
+        return 0.0
+    used, target = operators_used(graph), set(TARGETS[benchmark])
+    return len(used & target) / len(used | target)
+
+
+def write_parquet(path, repeat: int = 1) -> None:
+    benchmarks = list(TARGETS) * repeat
+    pd.DataFrame({
+        "data_source": ["toy_operator_chain"] * len(benchmarks),
+        "prompt": [[{"role": "user", "content": prompt_text(b)}] for b in benchmarks],
+        "reward_model": [{"style": "rule", "ground_truth": ",".join(TARGETS[b])} for b in benchmarks],
+        "extra_info": [{"index": i, "benchmark": b} for i, b in enumerate(benchmarks)],
+    }).to_parquet(path)
+
+
+class OperatorChainLoop(AgentLoopBase):
+    """One restricted generation per row, scored by `chain_reward`."""
+
+    async def run(self, sampling_params, **kwargs) -> AgentLoopOutput:
+        prompt_ids = self.tokenizer.apply_chat_template(kwargs["raw_prompt"], add_generation_prompt=True,
+                                                        tokenize=True)
+        if not isinstance(prompt_ids, list):
+            prompt_ids = list(prompt_ids["input_ids"])
+        letter_ids = [self.tokenizer.encode(f" {x}", add_special_tokens=False)[0] for x in LETTERS]
+        params = {**sampling_params, "allowed_token_ids": letter_ids, "max_tokens": CHAIN_LENGTH, "ignore_eos": True}
+        out = await self.server_manager.generate(request_id=kwargs["uid"], prompt_ids=prompt_ids,
+                                                 sampling_params=params)
+        letters = [self.tokenizer.decode([t]).strip() for t in out.token_ids]
+        reward = chain_reward(letters, kwargs["extra_info"]["benchmark"])
+        return AgentLoopOutput(prompt_ids=prompt_ids, response_ids=list(out.token_ids),
+                               response_mask=[1] * len(out.token_ids), response_logprobs=out.log_probs,
+                               reward_score=reward, num_turns=2, metrics=AgentLoopMetrics(),
+                               extra_fields={"letters": "".join(letters)})
