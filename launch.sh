@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The main job. Set-up (.venv, installs) is idempotent.
 #
-#   bash launch.sh                       # no CUDA GPU: the embedded demo (the builtin chain-of-thought
-#                                        # workflow on a few HumanEval problems, executed by the embedded
-#                                        # SmolLM2-135M server); with a CUDA GPU: recipes/run_qwen7b_grpo.sh
+#   bash launch.sh                       # no CUDA GPU: recipes/run_local_grpo.sh, a few GRPO steps of the
+#                                        # local trainer on the embedded default (SmolLM2-135M policy and
+#                                        # executor, HumanEval query mode; reward/loss/time per step, then a
+#                                        # checkpoint and a reward plot); with a CUDA GPU:
+#                                        # recipes/run_qwen7b_grpo.sh (the verl job, A100 preset)
 #   bash launch.sh --benchmark gsm8k --data-dir DIR --executor-base-url URL --executor-model M
 #                                        # arguments starting with `--`: any `aflow evaluate` arguments
+#                                        # (`bash launch.sh --benchmark humaneval` alone: the embedded executor)
 #   bash launch.sh --dry-run [--strict] [OVERRIDES...]
 #                                        # compose + validate the training config against verl's config
 #                                        # classes, print it and the resource plan; starts nothing, no GPU.
@@ -39,7 +42,7 @@ need_trainer_env() {
 
 mode=train
 if [ "$#" -eq 0 ]; then
-  if has_cuda; then mode=recipe; else mode=demo; fi
+  if has_cuda; then mode=recipe; else mode=local; fi
 elif [ "$1" = "--dry-run" ]; then
   mode=dry-run
   shift
@@ -48,12 +51,12 @@ elif [[ "$1" == --* ]]; then
 fi
 
 case "$mode" in
-demo | evaluate)
+local)
+  exec bash recipes/run_local_grpo.sh
+  ;;
+evaluate)
   source scripts/bootstrap.sh "$(extras)"
   out="runs/eval-$(date +%Y%m%d-%H%M%S)"
-  if [ "$#" -eq 0 ]; then
-    set -- --benchmark humaneval --split test --workflow builtin:cot --limit 5
-  fi
   aflow evaluate --out "$out" "$@"
   echo "results: $out/results.jsonl  summary: $out/summary.json"
   exit 0

@@ -430,7 +430,15 @@ class LocalTrainer:
         failed = sum(1 for r in reasons if r)
         if failed:
             print(f"step {self.global_step}: {failed} failed episode(s), e.g. {next(r for r in reasons if r)}")
+        groups: dict[str, list[float]] = {}
+        for uid, score in zip(uids, batch["scores"].tolist(), strict=True):
+            groups.setdefault(uid, []).append(score)
+        components = [(o.extra_fields or {}).get("reward_components") or {} for o in outputs]
         metrics.update({
+            # GRPO learns only from groups whose rollouts scored differently
+            "train/groups_with_signal": float(sum(max(g) > min(g) for g in groups.values())),
+            "train/groups": float(len(groups)),
+            "env/invalid_action_penalty": float(sum(c.get("format", 0.0) for c in components)),
             "critic/score/mean": float(batch["scores"].mean()),
             "critic/score/max": float(batch["scores"].max()),
             "critic/score/min": float(batch["scores"].min()),
@@ -582,7 +590,9 @@ def main(config: DictConfig) -> dict[str, Any]:
             while trainer.global_step < trainer.total_steps:
                 metrics = trainer.train_step(next(batches))
                 print(f"step {trainer.global_step}: reward {metrics['critic/score/mean']:.4f}, "
-                      f"loss {metrics['actor/loss']:.4f}, {metrics['timing_s/step']:.1f} s", flush=True)
+                      f"loss {metrics['actor/loss']:.4f}, {metrics['timing_s/step']:.1f} s "
+                      f"(groups with a reward spread: {metrics['train/groups_with_signal']:.0f}"
+                      f"/{metrics['train/groups']:.0f})", flush=True)
                 tracker.log(metrics, step=trainer.global_step)
                 if save_freq > 0 and trainer.global_step % save_freq == 0:
                     checkpoint = trainer.save_checkpoint()

