@@ -7,7 +7,8 @@ It reuses the pieces of the verl path instead of re-implementing them:
 * rollout: the agent loop registered in configs/agent_loop.yaml (`AFlowAgentLoop`), instantiated as verl's
   AgentLoopWorker does, generating through `CPUServerManager`, which shares the *trainable* model object
   (so every optimizer step is visible to the next rollout; `update_weights(model)` bumps its version);
-  environment: `AFlowWorker` Ray actors on a local cluster (`ray.init(num_cpus=local_trainer.num_cpus)`),
+  environment: `AFlowWorker` Ray actors on a private local cluster (`local_trainer.num_cpus` CPUs), or on
+  the cluster at `$RAY_ADDRESS` when that is set,
   and the embedded llama.cpp executor when `env.executor.base_url` is empty (started here, stopped at the end).
 * rows: `data.train_files` parquet read with pandas, passed to `run()` as verl's dataset does
   (`raw_prompt` <- `prompt`, `extra_info`, `reward_model`, `data_source`, `index`), with one `uid` (uuid4)
@@ -492,7 +493,12 @@ class _Environment:
                 env.executor.model = self.executor.model
             print(f"started the embedded executor at {self.executor.base_url}")
         if not ray.is_initialized():
-            ray.init(num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
+            if os.environ.get("RAY_ADDRESS"):  # the user's cluster, sized by whoever started it
+                ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+            else:
+                # a private cluster, even when `ray start` left one running on this machine (a bare
+                # ray.init would join that one and refuse num_cpus)
+                ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, log_to_driver=False)
             self.started_ray = True
         return self
 

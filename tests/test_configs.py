@@ -35,8 +35,8 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def test_presets_are_the_documented_three():
-    assert set(PRESETS) == {"qwen2.5-7b-a100-80g", "qwen2.5-7b-a100-40g-lora", "cpu-smoke"}
+def test_presets_are_the_documented_four():
+    assert set(PRESETS) == {"qwen2.5-7b-a100-80g", "qwen2.5-7b-a100-40g-lora", "cpu-smoke", "cpu-local"}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -46,7 +46,8 @@ def test_preset_composes_and_passes_verl_validation(preset):
     assert all(isinstance(n, str) for n in notes)
     assert config.algorithm.adv_estimator == "grpo"
     assert config.trainer.use_v1 is False
-    assert config.trainer.backend == "verl"
+    # cpu-local is the embedded default of `bash launch.sh` on a CPU: the local backend
+    assert config.trainer.backend == ("local" if preset == "cpu-local" else "verl")
     rollout = config.actor_rollout_ref.rollout
     assert rollout.name == "vllm" and rollout.mode == "async"
     assert rollout.agent.default_agent_loop == "aflow_agent"

