@@ -33,12 +33,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.toy_task import TARGETS, prompt_text
+from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput
 
-try:  # the agent loop runs inside the local child only; TRL's child needs no verl
-    from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput
-except ImportError:  # pragma: no cover
-    AgentLoopBase = object
+from tests.toy_task import TARGETS, generate_once, prompt_text
 
 
 def spread_reward(text: str, completion_tokens: int) -> float:
@@ -58,13 +55,8 @@ class FixedLengthLoop(AgentLoopBase):
     """One generation of exactly `max_tokens` tokens per row (EOS ignored), rewarded by `spread_reward`."""
 
     async def run(self, sampling_params, **kwargs) -> AgentLoopOutput:
-        prompt_ids = self.tokenizer.apply_chat_template(kwargs["raw_prompt"], add_generation_prompt=True,
-                                                        tokenize=True)
-        if not isinstance(prompt_ids, list):
-            prompt_ids = list(prompt_ids["input_ids"])
         params = {**sampling_params, "ignore_eos": True}
-        out = await self.server_manager.generate(request_id=kwargs["uid"], prompt_ids=prompt_ids,
-                                                 sampling_params=params)
+        prompt_ids, out = await generate_once(self, params, kwargs)
         text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         return AgentLoopOutput(prompt_ids=prompt_ids, response_ids=list(out.token_ids),
                                response_mask=[1] * len(out.token_ids), response_logprobs=out.log_probs,

@@ -79,18 +79,23 @@ def write_parquet(path, repeat: int = 1) -> None:
     }).to_parquet(path)
 
 
+async def generate_once(loop: AgentLoopBase, sampling_params: dict, row: dict):
+    """(prompt ids, TokenOutput): one generation for a dataset row's chat prompt through the loop's server."""
+    prompt_ids = loop.tokenizer.apply_chat_template(row["raw_prompt"], add_generation_prompt=True, tokenize=True)
+    if not isinstance(prompt_ids, list):
+        prompt_ids = list(prompt_ids["input_ids"])
+    out = await loop.server_manager.generate(request_id=row["uid"], prompt_ids=prompt_ids,
+                                             sampling_params=sampling_params)
+    return prompt_ids, out
+
+
 class OperatorChainLoop(AgentLoopBase):
     """One restricted generation per row, scored by `chain_reward`."""
 
     async def run(self, sampling_params, **kwargs) -> AgentLoopOutput:
-        prompt_ids = self.tokenizer.apply_chat_template(kwargs["raw_prompt"], add_generation_prompt=True,
-                                                        tokenize=True)
-        if not isinstance(prompt_ids, list):
-            prompt_ids = list(prompt_ids["input_ids"])
         letter_ids = [self.tokenizer.encode(f" {x}", add_special_tokens=False)[0] for x in LETTERS]
         params = {**sampling_params, "allowed_token_ids": letter_ids, "max_tokens": CHAIN_LENGTH, "ignore_eos": True}
-        out = await self.server_manager.generate(request_id=kwargs["uid"], prompt_ids=prompt_ids,
-                                                 sampling_params=params)
+        prompt_ids, out = await generate_once(self, params, kwargs)
         letters = [self.tokenizer.decode([t]).strip() for t in out.token_ids]
         reward = chain_reward(letters, kwargs["extra_info"]["benchmark"])
         return AgentLoopOutput(prompt_ids=prompt_ids, response_ids=list(out.token_ids),
