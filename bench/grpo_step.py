@@ -11,9 +11,9 @@ The reward (distinct words / completion tokens) only has to vary inside a group 
 Each backend runs in its own subprocess, so its peak RSS (`ru_maxrss`, model load included) is its own:
 
 * local: `recipes.local_trainer.LocalTrainer.train_step` (the CPU generation backend serving verl's
-  `server_manager.generate`, an agent loop, verl's GRPO advantage and clipped policy loss), with no Ray and no
-  executor (`local_trainer.environment=false`); it also recomputes old log-probs (one no-grad forward), as
-  verl's actor does.
+  `server_manager.generate`, all prompts x n requests decoded as one batch (`max_num_seqs`), an agent loop,
+  verl's GRPO advantage and clipped policy loss), with no Ray and no executor (`local_trainer.environment=false`);
+  it also recomputes old log-probs (one no-grad forward), as verl's actor does.
 * trl: `trl.GRPOTrainer` (transformers `generate`, `num_generations=n`, `beta=0`, `num_iterations=1`, no
   gradient checkpointing, `min_new_tokens` = `max_completion_length`). Needs `pip install -e .[bench]`.
 
@@ -93,6 +93,7 @@ def run_local(args, work: Path) -> dict:
         f"actor_rollout_ref.model.path={model_dir(args.model)}", "actor_rollout_ref.actor.use_kl_loss=false",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={args.prompts}",
         f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={batch}", "actor_rollout_ref.rollout.temperature=1.0",
+        f"actor_rollout_ref.rollout.max_num_seqs={batch}",
         f"local_trainer.max_tokens={args.completion_tokens}", "local_trainer.lr=1e-6",
         "local_trainer.environment=false", "local_trainer.agent_loop=bench.grpo_step.FixedLengthLoop",
         f"trainer.default_local_dir={work / 'ckpt'}", "trainer.resume_mode=disable"])

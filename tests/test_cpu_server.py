@@ -231,36 +231,84 @@ def test_first_load_converts_atomically_then_reuses(monkeypatch, tmp_path):
 # (f) ---------------------------------------------------------------------------------------------
 
 
-def test_concurrent_requests_inside_a_running_loop(server, prompt_ids, seeded_reference):
-    async def main():
-        done = asyncio.Event()
-        ticks = 0
+async def generate_concurrently(server, requests):
+    """[(prompt_ids, params)] sent at once inside one running loop; returns (outputs, event-loop ticks)."""
+    done = asyncio.Event()
+    ticks = 0
 
-        async def ticker():
-            nonlocal ticks
-            while not done.is_set():
-                await asyncio.sleep(0.01)
-                ticks += 1
+    async def ticker():
+        nonlocal ticks
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            ticks += 1
 
-        ticking = asyncio.create_task(ticker())
-        outputs = await asyncio.gather(
-            *(
-                server.generate(
-                    f"req-{seed}",
-                    prompt_ids=prompt_ids,
-                    sampling_params=dict(SAMPLE, max_tokens=6, ignore_eos=True, seed=seed),
-                )
-                for seed in (11, 12, 13)
-            )
-        )
-        done.set()
-        await ticking
-        return outputs, ticks
+    ticking = asyncio.create_task(ticker())
+    outputs = await asyncio.gather(*(server.generate(f"req-{i}", prompt_ids=ids, sampling_params=params)
+                                     for i, (ids, params) in enumerate(requests)))
+    done.set()
+    await ticking
+    return outputs, ticks
 
-    outputs, ticks = asyncio.run(main())
+
+def expected_log_probs(model, prompt_ids, token_ids, temperature=1.0):
+    logits = full_forward_logits(model, prompt_ids, token_ids)
+    if temperature > 0:
+        logits = logits / temperature
+    return torch.log_softmax(logits, dim=-1).gather(-1, torch.tensor(token_ids)[:, None])[:, 0]
+
+
+def test_full_determinism_serves_requests_alone_so_seeds_hold_under_concurrency(policy, prompt_ids,
+                                                                                seeded_reference):
+    model, tokenizer = policy
+    server = CPUServerManager(model=model, tokenizer=tokenizer, full_determinism=True)
+    assert server.max_batch_size == 1
+    requests = [(prompt_ids, dict(SAMPLE, max_tokens=6, ignore_eos=True, seed=seed)) for seed in (11, 12, 13)]
+    outputs, ticks = asyncio.run(generate_concurrently(server, requests))
     assert all(len(o.token_ids) == 6 and len(o.log_probs) == 6 for o in outputs)
     assert outputs[0].token_ids == seeded_reference.token_ids  # seeding holds under concurrency
+    assert outputs[0].log_probs == seeded_reference.log_probs
+    assert server.largest_batch == 1
     assert ticks >= 5  # the event loop kept running while the model generated
+
+
+def test_concurrent_requests_are_decoded_as_one_batch(policy, prompt_ids):
+    """Prompts of different lengths, different budgets, stop rules and temperatures in one batch: each row
+    stops on its own, and its log-probs are those of an independent forward pass over its own sequence."""
+    model, tokenizer = policy
+    server = CPUServerManager(model=model, tokenizer=tokenizer, max_batch_size=8)
+    short = normalize_token_ids(tokenizer.apply_chat_template([{"role": "user", "content": "What is 2+2?"}],
+                                                              add_generation_prompt=True, tokenize=True))
+    assert len(short) != len(prompt_ids)
+    requests = [
+        (prompt_ids, dict(SAMPLE, max_tokens=6, ignore_eos=True, seed=11)),
+        (short, dict(SAMPLE, max_tokens=2, ignore_eos=True, seed=12)),
+        (short, {"temperature": 0, "max_tokens": 24, "logprobs": True}),  # stops at EOS
+        (prompt_ids, dict(SAMPLE, temperature=0.7, max_tokens=9, ignore_eos=True, seed=13)),
+    ]
+    outputs, ticks = asyncio.run(generate_concurrently(server, requests))
+    assert server.largest_batch == 4  # all four were pending together and decoded as one batch
+    assert [len(o.token_ids) for o in outputs][:2] == [6, 2] and len(outputs[3].token_ids) == 9
+    greedy = outputs[2].token_ids
+    assert greedy[-1] == tokenizer.eos_token_id and len(greedy) < 24
+    assert greedy == full_forward_logits(model, short, greedy).argmax(dim=-1).tolist()
+    for (ids, params), out in zip(requests, outputs, strict=True):
+        expected = expected_log_probs(model, ids, out.token_ids, params["temperature"])
+        if params["temperature"] == 0:  # greedy: log_softmax of the raw logits, as vLLM returns
+            expected = torch.log_softmax(full_forward_logits(model, ids, out.token_ids), dim=-1).gather(
+                -1, torch.tensor(out.token_ids)[:, None])[:, 0]
+        assert torch.allclose(torch.tensor(out.log_probs), expected, atol=1e-3, rtol=0)
+    assert ticks >= 1
+
+
+def test_a_failing_request_fails_its_batch_not_the_server(policy, prompt_ids, monkeypatch):
+    model, tokenizer = policy
+    server = CPUServerManager(model=model, tokenizer=tokenizer)
+    real = server._decode
+    monkeypatch.setattr(server, "_decode", lambda *a: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        generate(server, prompt_ids, **SAMPLE, max_tokens=2)
+    monkeypatch.setattr(server, "_decode", real)
+    assert len(generate(server, prompt_ids, **SAMPLE, max_tokens=2).token_ids) == 2
 
 
 # verl's own agent loop and weight updates ----------------------------------------------------------
@@ -314,3 +362,25 @@ def test_update_weights(server, policy):
     finally:
         server.update_weights([(name, original)], strict=False)
     assert torch.equal(model.state_dict()[name], original)
+
+
+def test_a_request_cancelled_while_queued_is_skipped_and_the_server_goes_on(policy, prompt_ids):
+    model, tokenizer = policy
+    server = CPUServerManager(model=model, tokenizer=tokenizer, max_batch_size=8)
+    params = dict(SAMPLE, ignore_eos=True, seed=1)
+
+    async def main():
+        long = asyncio.create_task(server.generate("long", prompt_ids=prompt_ids,
+                                                   sampling_params=dict(params, max_tokens=40)))
+        await asyncio.sleep(0.2)  # the long request's batch is decoding now; the next one queues behind it
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(server.generate("gives-up", prompt_ids=prompt_ids,
+                                                   sampling_params=dict(params, max_tokens=40)), 0.05)
+        first = await long
+        after = await asyncio.wait_for(server.generate("after", prompt_ids=prompt_ids,
+                                                       sampling_params=dict(params, max_tokens=3)), 60)
+        return first, after
+
+    first, after = asyncio.run(main())
+    assert len(first.token_ids) == 40 and len(after.token_ids) == 3
+    assert server.largest_batch == 1  # the cancelled request was never decoded
