@@ -13,15 +13,7 @@ ROOT="$PWD"
 source scripts/bootstrap.sh cpu,rl,dev
 
 export AFLOW_RUNS_DIR="${AFLOW_RUNS_DIR:-$ROOT/runs}"
-DATA="$AFLOW_RUNS_DIR/data/humaneval-query"
-if [ ! -f "$DATA/train.parquet" ] || [ ! -f "$DATA/val.parquet" ]; then
-  echo "[local] building HumanEval query-mode data in $DATA" >&2
-  build=(python -m data_prep.build --benchmarks humaneval --mode query --out "$DATA")
-  if [ -n "${AFLOW_DATA_DIR:-}" ]; then
-    build+=(--data-dir "$AFLOW_DATA_DIR")
-  fi
-  "${build[@]}"
-fi
+bash scripts/build_data_if_missing.sh "$AFLOW_RUNS_DIR/data/humaneval-query" --benchmarks humaneval --mode query
 
 stamp="$(date +%Y%m%d-%H%M%S)"
 exec python -m recipes.train preset=cpu-local \

@@ -24,16 +24,8 @@ export AFLOW_RUNS_DIR="${AFLOW_RUNS_DIR:-$ROOT/runs}"
 DATA="${AFLOW_TASK_DATA:-$AFLOW_RUNS_DIR/data/task}"
 BENCHMARKS="${AFLOW_BENCHMARKS:-gsm8k,math,humaneval,mbpp,hotpotqa,drop}"
 
-if [ ! -f "$DATA/train.parquet" ] || [ ! -f "$DATA/val.parquet" ]; then
-  echo "[recipe] building task-mode data in $DATA" >&2
-  build=(python -m data_prep.build --benchmarks "$BENCHMARKS" --mode task --out "$DATA"
-         # 2 validation rows per benchmark: a validation episode costs as much as a training one
-         --val-task-repeats 2)
-  if [ -n "${AFLOW_DATA_DIR:-}" ]; then
-    build+=(--data-dir "$AFLOW_DATA_DIR")
-  fi
-  "${build[@]}"
-fi
+# 2 validation rows per benchmark: a validation episode costs as much as a training one
+bash scripts/build_data_if_missing.sh "$DATA" --benchmarks "$BENCHMARKS" --mode task --val-task-repeats 2
 
 if [ -z "${AFLOW_EXECUTOR_BASE_URL:-}" ]; then
   echo "[recipe] AFLOW_EXECUTOR_BASE_URL is not set: workflows run on the embedded SmolLM2 executor (CPU, weak)" >&2
