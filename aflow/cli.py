@@ -17,7 +17,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from aflow import embedded
-from aflow.benchmarks import BENCHMARKS, SPLITS, DataError, resolve_data_dir
+from aflow.benchmarks import BENCHMARKS, SCORING_VARIANTS, SPLITS, DataError, resolve_data_dir
 from aflow.config import EvalConfig, LLMConfig
 from aflow.llm import ExecutorError, LLMClient
 from aflow.search.workspace import WorkspaceMismatch
@@ -35,6 +35,13 @@ def _add_endpoint_args(parser: argparse.ArgumentParser, role: str) -> None:
                         help="variable holding the key (default: inferred from the host; none for local servers)")
 
 
+def _add_scoring_arg(parser: argparse.ArgumentParser) -> None:
+    """The scoring variant is a named choice, recorded in every result, never implied."""
+    parser.add_argument("--scoring", choices=SCORING_VARIANTS, default="aflow",
+                        help="aflow: AFlow's own rules, comparable with the paper (default); reward: the hardened "
+                             "rules the RL environment optimises (QA answers that hedge or stuff words score 0)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="aflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--concurrency", type=int, default=8,
                     help="executor calls in flight (problems without calls: runs at once)")
     ev.add_argument("--data-dir", default=None, help="AFlow JSONL directory (default: $AFLOW_DATA_DIR)")
+    _add_scoring_arg(ev)
     _add_endpoint_args(ev, "executor")
     ev.add_argument("--no-cache", action="store_true", help="do not read or write the response cache")
     ev.add_argument("--cache-path", default=None)
@@ -60,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--validation-rounds", type=int, default=3)
     op.add_argument("--limit", type=int, default=None, help="cap the validation problems (cheap runs)")
     op.add_argument("--data-dir", default=None, help="AFlow JSONL directory (default: $AFLOW_DATA_DIR)")
+    _add_scoring_arg(op)
     _add_endpoint_args(op, "optimizer")
     _add_endpoint_args(op, "executor")
     op.add_argument("--value-provider", choices=("none", "empirical", "model"), default="none")
@@ -118,7 +127,7 @@ async def _evaluate(args: argparse.Namespace, endpoint: LLMConfig | None):
 
     config = EvalConfig(benchmark=args.benchmark, split=args.split, workflow=args.workflow, limit=args.limit,
                         concurrency=args.concurrency, data_dir=resolve_data_dir(args.data_dir),
-                        out=Path(args.out) if args.out else None)
+                        out=Path(args.out) if args.out else None, scoring=args.scoring)
     if endpoint is not None:  # --concurrency bounds the executor calls in flight
         endpoint.max_concurrency = max(1, args.concurrency)
     llm = LLMClient(endpoint) if endpoint is not None else None
@@ -136,9 +145,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     with executor_endpoint(args, needed=needs_llm) as endpoint:
         summary, _ = asyncio.run(_evaluate(args, endpoint if needs_llm else None))
     s = asdict(summary)
-    print(f"{s['benchmark']}/{s['split']} {s['workflow']}: score {s['score']:.4f} on {s['n']} problems, "
-          f"{s['errors']} errors, {s['calls']} calls, {s['prompt_tokens']}+{s['completion_tokens']} tokens, "
-          f"${s['cost_usd']:.4f}, {s['wall_s']:.1f}s" + (f"; results in {args.out}" if args.out else ""))
+    print(f"{s['benchmark']}/{s['split']} {s['workflow']}: score {s['score']:.4f} ({s['scoring']} scoring) "
+          f"on {s['n']} problems, {s['errors']} errors, {s['calls']} calls, "
+          f"{s['prompt_tokens']}+{s['completion_tokens']} tokens, ${s['cost_usd']:.4f}, {s['wall_s']:.1f}s"
+          + (f"; results in {args.out}" if args.out else ""))
     if args.json:
         print(json.dumps(s))
     return 0
@@ -179,7 +189,7 @@ async def _optimize(args: argparse.Namespace, executor_cfg: LLMConfig, optimizer
         validation_rounds=args.validation_rounds, limit=args.limit, data_dir=resolve_data_dir(args.data_dir),
         concurrency=args.concurrency, initial_workflow=args.initial_workflow, max_retries=args.max_retries,
         convergence_rounds=args.convergence_rounds, seed=args.seed, value_provider=args.value_provider,
-        selection=SelectionConfig(rule=args.selection, value_weight=args.value_weight),
+        selection=SelectionConfig(rule=args.selection, value_weight=args.value_weight), scoring=args.scoring,
     )
     if args.cache_path:
         executor_cfg.cache_path = optimizer_cfg.cache_path = Path(args.cache_path)
@@ -193,7 +203,7 @@ async def _optimize(args: argparse.Namespace, executor_cfg: LLMConfig, optimizer
         result = await search.run(resume=args.resume)
         if args.test:
             scores = await test_best(search.tree, config.workspace, config.benchmark, clients[0],
-                                     config.data_dir, args.test_limit, config.concurrency)
+                                     config.data_dir, args.test_limit, config.concurrency, scoring=config.scoring)
             result.test_score = scores.get(result.best_round)
             results = search.workspace.read_results()
             plot(results, config.workspace / "plot.png")
@@ -208,9 +218,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     with search_endpoints(args) as (executor_cfg, optimizer_cfg):
         result = asyncio.run(_optimize(args, executor_cfg, optimizer_cfg))
     test = f", test {result['test_score']:.4f}" if result.get("test_score") is not None else ""
-    print(f"{args.benchmark}: {result['rounds_done']} rounds, best round {result['best_round']} "
-          f"(validation {result['best_validation_score']:.4f}{test}), ${result['total_cost_usd']:.4f}, "
-          f"{result['calls']} calls, {result['wall_s']:.1f}s; workspace {args.workspace}")
+    print(f"{args.benchmark} ({args.scoring} scoring): {result['rounds_done']} rounds, "
+          f"best round {result['best_round']} (validation {result['best_validation_score']:.4f}{test}), "
+          f"${result['total_cost_usd']:.4f}, {result['calls']} calls, {result['wall_s']:.1f}s; "
+          f"workspace {args.workspace}")
     if args.json:
         print(json.dumps(result))
     return 0

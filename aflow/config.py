@@ -84,3 +84,6 @@ class EvalConfig:
     concurrency: int = 8
     data_dir: Path | None = None
     out: Path | None = None
+    # How outputs are scored (aflow.benchmarks.SCORING_VARIANTS): `aflow`, AFlow's own rules, so
+    # numbers compare with the paper; `reward`, the hardened rules the RL environment optimises.
+    scoring: str = "aflow"

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aflow.benchmarks import Benchmark, Problem, get_benchmark, public_tests
+from aflow.benchmarks import SCORING_VARIANTS, Benchmark, DataError, Problem, get_benchmark, public_tests
 from aflow.config import EvalConfig
 from aflow.files import JsonlAppender, atomic_write_json
 from aflow.llm import LLMClient, Usage
@@ -33,6 +33,7 @@ class Record:
     calls: int = 0
     cost_usd: float = 0.0
     latency_s: float = 0.0
+    scoring: str = "aflow"  # the scoring variant (SCORING_VARIANTS) that gave `score`
 
 
 @dataclass
@@ -51,12 +52,13 @@ class Summary:
     wall_s: float
     executor: str | None
     isolation: list[str] = field(default_factory=list)
+    scoring: str = "aflow"  # `aflow`: AFlow's rules (paper-comparable); `reward`: the hardened RL rules
 
 
 async def run_problem(bench: Benchmark, problem: Problem, workflow: WorkflowCode | WorkflowCheckError,
                       llm: LLMClient | None, tests: dict, sandbox: Sandbox,
-                      limits: Limits = WORKFLOW_LIMITS) -> tuple[Record, list[str]]:
-    """Run and score one problem; every failure becomes part of the record."""
+                      limits: Limits = WORKFLOW_LIMITS, scoring: str = "aflow") -> tuple[Record, list[str]]:
+    """Run and score one problem under the `scoring` variant; every failure becomes part of the record."""
     started = time.monotonic()
     usage = Usage()
     output, error, isolation = None, problem.error, []
@@ -73,12 +75,12 @@ async def run_problem(bench: Benchmark, problem: Problem, workflow: WorkflowCode
                 error = "the workflow returned None"
     score, reason = (0.0, None)
     if error is None:
-        score, reason = await bench.score(problem, output, sandbox=sandbox)
+        score, reason = await bench.score(problem, output, sandbox=sandbox, scoring=scoring)
     record = Record(
         id=problem.id, input=str(problem.inputs.get("problem", ""))[:INPUT_CHARS_KEPT], output=output,
         score=score, error=error, score_reason=reason, prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens, calls=usage.calls, cost_usd=usage.cost_usd,
-        latency_s=round(time.monotonic() - started, 3),
+        latency_s=round(time.monotonic() - started, 3), scoring=scoring,
     )
     return record, isolation
 
@@ -86,6 +88,8 @@ async def run_problem(bench: Benchmark, problem: Problem, workflow: WorkflowCode
 async def evaluate(config: EvalConfig, llm: LLMClient | None, progress: bool = True) -> tuple[Summary, list[Record]]:
     """Evaluate `config.workflow` on `config.benchmark`/`config.split`; writes results under config.out."""
     started = time.monotonic()
+    if config.scoring not in SCORING_VARIANTS:
+        raise DataError(f"unknown scoring variant '{config.scoring}' (choose from: {', '.join(SCORING_VARIANTS)})")
     bench = get_benchmark(config.benchmark)
     problems = bench.load(config.split, config.data_dir, config.limit)
     try:
@@ -103,7 +107,7 @@ async def evaluate(config: EvalConfig, llm: LLMClient | None, progress: bool = T
 
     async def one(problem: Problem) -> None:
         async with semaphore:
-            record, layers = await run_problem(bench, problem, workflow, llm, tests, sandbox)
+            record, layers = await run_problem(bench, problem, workflow, llm, tests, sandbox, scoring=config.scoring)
         records.append(record)
         if layers and not isolation:
             isolation.extend(layers)
@@ -134,6 +138,7 @@ async def evaluate(config: EvalConfig, llm: LLMClient | None, progress: bool = T
         prompt_tokens=spent.prompt_tokens, completion_tokens=spent.completion_tokens,
         cost_usd=round(spent.cost_usd, 6), wall_s=round(time.monotonic() - started, 3),
         executor=f"{llm.config.model}@{llm.config.base_url}" if llm else None, isolation=isolation,
+        scoring=config.scoring,
     )
     if out:
         atomic_write_json(out / "summary.json", asdict(summary))

@@ -27,6 +27,9 @@ class RewardConfig:
     variety_weight: float = 0.0  # bonus per distinct operator used by the final workflow (WA-GRPO)
     diversity_weight: float = 0.0  # bonus for differing from the other workflows of the group (WA-GRPO)
     judge: EndpointConfig | None = None  # optional LLM judge for QA answers (query mode)
+    # How workflow outputs are scored (aflow.benchmarks.SCORING_VARIANTS). `reward`: hardened rules, e.g.
+    # a QA answer that hedges ("A or B", "yes no") or stuffs words scores 0; `aflow`: AFlow's own rules.
+    scoring: str = "reward"
 
 
 @dataclass
@@ -80,4 +83,9 @@ def _build(cls, data: dict, where: str):
     config = cls(**values)
     if isinstance(config, EnvConfig) and config.mode not in ("task", "query"):
         raise ValueError(f"env.mode must be 'task' or 'query', not {config.mode!r}")
+    if isinstance(config, RewardConfig):
+        from aflow.benchmarks import SCORING_VARIANTS
+
+        if config.scoring not in SCORING_VARIANTS:
+            raise ValueError(f"{where}.scoring must be one of {', '.join(SCORING_VARIANTS)}, not {config.scoring!r}")
     return config

@@ -81,14 +81,16 @@ JUDGE_PROMPT = """Question and context:
 Reference answer(s): {references}
 Candidate answer: {candidate}
 
-Does the candidate answer mean the same as a reference answer? Reply with exactly yes or no."""
+Does the candidate answer mean the same as a reference answer? A candidate that offers several
+answers, alternatives or both yes and no does not. Reply with exactly yes or no."""
 
 QA_BENCHMARKS = ("hotpotqa", "drop")
 
 
 def make_judge(endpoint, llm_factory=None):
     """An async judge for QA answers through an OpenAI-compatible endpoint (config env.reward.judge):
-    1.0 when it says the candidate matches a reference, else 0.0; a failed call counts as 0.0."""
+    1.0 when it says the candidate matches a reference, else 0.0; a failed call counts as 0.0.
+    It only ever lifts a lexical score; under `reward` scoring the hedge gate overrides it (Episode)."""
     from aflow.config import LLMConfig
     from aflow.llm import LLMCallError, LLMClient
 

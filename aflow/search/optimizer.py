@@ -47,11 +47,13 @@ class SearchConfig:
     seed: int = 0
     value_provider: str = "none"  # none | empirical | model
     selection: SelectionConfig = field(default_factory=SelectionConfig)
+    scoring: str = "aflow"  # aflow.benchmarks.SCORING_VARIANTS; scores of different variants never mix
 
     def fingerprint(self) -> dict:
         return {"benchmark": self.benchmark, "validation_rounds": self.validation_rounds, "limit": self.limit,
                 "seed": self.seed, "selection": self.selection.rule, "value_provider": self.value_provider,
-                "value_weight": self.selection.value_weight, "initial_workflow": self.initial_workflow}
+                "value_weight": self.selection.value_weight, "initial_workflow": self.initial_workflow,
+                "scoring": self.scoring}
 
 
 @dataclass
@@ -112,6 +114,7 @@ class Search:
         best = self.tree.best() if self.tree.nodes else None
         self.workspace.write_results({
             "benchmark": self.config.benchmark,
+            "scoring": self.config.scoring,
             "rounds_done": rounds_done,
             "converged": converged,
             "best_round": best.round if best else None,
@@ -132,7 +135,7 @@ class Search:
         for run in range(self.config.validation_rounds):
             config = EvalConfig(benchmark=self.config.benchmark, split="validate", workflow=str(directory),
                                 limit=self.config.limit, concurrency=self.config.concurrency,
-                                data_dir=self.config.data_dir)
+                                data_dir=self.config.data_dir, scoring=self.config.scoring)
             summary, run_records = await evaluate(config, self.executor, progress=False)
             if run_records and all(r.error for r in run_records):
                 await self.executor.check()  # a dead executor is a set-up error, not a score of 0

@@ -13,13 +13,14 @@ from aflow.search.tree import Tree
 
 
 async def test_best(tree: Tree, workspace: Path, benchmark: str, executor: LLMClient, data_dir: Path | None,
-                    limit: int | None, concurrency: int, top: int = 3) -> dict[int, float]:
-    """Test-split score of the `top` best rounds by validation score; written to test_scores.json."""
+                    limit: int | None, concurrency: int, top: int = 3, scoring: str = "aflow") -> dict[int, float]:
+    """Test-split score of the `top` best rounds by validation score, under the search's scoring
+    variant; written to test_scores.json."""
     scores = {}
     for node in tree.ranked()[:top]:
         config = EvalConfig(benchmark=benchmark, split="test", workflow=str(workspace / f"round_{node.round}"),
                             limit=limit, concurrency=concurrency, data_dir=data_dir,
-                            out=workspace / f"round_{node.round}" / "test")
+                            out=workspace / f"round_{node.round}" / "test", scoring=scoring)
         summary, _ = await evaluate(config, executor, progress=False)
         scores[node.round] = summary.score
     atomic_write_text(workspace / "test_scores.json", json.dumps(scores, indent=2) + "\n")

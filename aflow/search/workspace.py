@@ -58,7 +58,9 @@ class Workspace:
             if not resume:
                 raise WorkspaceMismatch(f"{self.root} already holds a search: pass --resume, or use a new --workspace")
             saved = json.loads(path.read_text())
-            keys = ("benchmark", "validation_rounds", "limit", "seed", "selection", "value_provider", "value_weight")
+            keys = ("benchmark", "validation_rounds", "limit", "seed", "selection", "value_provider", "value_weight",
+                    "scoring")
+            saved.setdefault("scoring", "aflow")  # written before the variant existed: AFlow's rules
             different = [k for k in keys if saved.get(k) != config.get(k)]
             if different:
                 raise WorkspaceMismatch(f"--resume with different settings than the workspace: {', '.join(different)}")

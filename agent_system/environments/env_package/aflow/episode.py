@@ -18,7 +18,7 @@ import re
 import time
 from dataclasses import dataclass, field
 
-from aflow.benchmarks import Benchmark, Problem
+from aflow.benchmarks import Benchmark, Problem, qa
 from aflow.evaluate import run_problem
 from aflow.llm import LLMClient
 from aflow.sandbox import Sandbox
@@ -30,6 +30,7 @@ from agent_system.environments.env_package.aflow.prompts import (
     query_observation,
     task_observation,
 )
+from agent_system.reward import QA_BENCHMARKS
 
 
 def anchor_of(graph: str, prompt: str) -> str:
@@ -50,11 +51,13 @@ class Scored:
 
 
 async def score_workflow(workflow: WorkflowCode, problems: list[Problem], bench: Benchmark, llm: LLMClient,
-                         sandbox: Sandbox, tests: dict) -> Scored:
-    """Mean score of a workflow on problems, through the core's run_problem (sandbox + scoring)."""
+                         sandbox: Sandbox, tests: dict, scoring: str = "reward") -> Scored:
+    """Mean score of a workflow on problems, through the core's run_problem (sandbox + scoring),
+    under the `scoring` variant: the environment's is `env.reward.scoring`, `reward` by default."""
     import asyncio
 
-    results = await asyncio.gather(*(run_problem(bench, p, workflow, llm, tests, sandbox) for p in problems))
+    results = await asyncio.gather(*(run_problem(bench, p, workflow, llm, tests, sandbox, scoring=scoring)
+                                     for p in problems))
     records = [r for r, _ in results]
     failures = [{"input": r.input, "output": r.output, "score": r.score, "error": r.error,
                  "score_reason": r.score_reason} for r in records if r.score < 1][:5]
@@ -90,7 +93,7 @@ class Outcome:
 class Episode:
     def __init__(self, mode: str, bench: Benchmark, llm: LLMClient, sandbox: Sandbox, tests: dict,
                  max_turns: int, start: Scored, start_round: int | None, experience: list[Experience],
-                 problems: list[Problem], max_action_chars: int, judge=None):
+                 problems: list[Problem], max_action_chars: int, judge=None, scoring: str = "reward"):
         self.mode, self.bench, self.llm, self.sandbox, self.tests = mode, bench, llm, sandbox, tests
         self.max_turns, self.start_round, self.problems = max_turns, start_round, problems
         self.current = start
@@ -100,6 +103,7 @@ class Episode:
         self.nodes: list[tuple[str, Scored]] = []
         self.max_action_chars = max_action_chars
         self.judge = judge  # optional async (problem, output) -> score in [0, 1], query mode only
+        self.scoring = scoring  # aflow.benchmarks.SCORING_VARIANTS: how workflow outputs are scored
         self.started = time.monotonic()
 
     @property
@@ -129,10 +133,10 @@ class Episode:
             turn = Turn(anchor, False, 0.0, action.reason)
             self.turns.append(turn)
             return self._reply(turn)
-        scored = await score_workflow(action.workflow, self.problems, self.bench, self.llm, self.sandbox, self.tests)
+        scored = await score_workflow(action.workflow, self.problems, self.bench, self.llm, self.sandbox, self.tests,
+                                      self.scoring)
         if self.mode == "query" and self.judge is not None and scored.outputs and scored.outputs[0] is not None:
-            # An LLM judge can only raise a lexical score that misses paraphrases, never lower it.
-            scored.score = max(scored.score, await self.judge(self.problems[0], scored.outputs[0]))
+            scored.score = await self._judged(scored.score, scored.outputs[0])
         reward = scored.score if self.mode == "query" else scored.score - self.current.score
         turn = Turn(anchor, True, reward, "", scored.score, action.modification)
         self.turns.append(turn)
@@ -143,6 +147,16 @@ class Episode:
                                                             scored.score)]
             self.current = scored
         return self._reply(turn)
+
+    async def _judged(self, lexical: float, output) -> float:
+        """The judge lifts a lexical score that misses a paraphrase, never lowers it; under `reward`
+        scoring the hedge gate (aflow.benchmarks.qa.gate) comes after it and has the last word, so an
+        answer that hedges or stuffs words stays at 0 whatever the judge says; it is not even asked,
+        since a hedge that contains the right answer is exactly what a judge is apt to accept."""
+        problem = self.problems[0]
+        if self.scoring == "reward" and self.bench.name in QA_BENCHMARKS and qa.gate(problem, output) is not None:
+            return 0.0
+        return max(lexical, await self.judge(problem, output))
 
     def _reply(self, turn: Turn) -> tuple[str, float, bool, dict]:
         """Mid-episode replies are short: the instructions and catalogue are already in context."""

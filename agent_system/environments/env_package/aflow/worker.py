@@ -90,7 +90,7 @@ class AFlowWorker:
             if not state.tree.nodes:  # the root: the initial workflow, scored once
                 seed = load_workflow(self.cfg.initial_workflow)
                 scored = await score_workflow(seed, state.problems, state.bench, self.llm, await self._sandbox(),
-                                              state.tests)
+                                              state.tests, self.cfg.reward.scoring)
                 state.tree.add(Node(round=1, graph=seed.graph, prompt=seed.prompt, modification="initial workflow",
                                     scores=[scored.score], cost_usd=scored.cost_usd, calls=scored.calls))
                 state.scored[1] = scored
@@ -109,7 +109,7 @@ class AFlowWorker:
                 start_round = state.starts[uid]
             episode = Episode("task", state.bench, self.llm, sandbox, state.tests, self.cfg.max_turns,
                               state.scored[start_round], start_round, state.pool.of_parent(start_round),
-                              state.problems, self.cfg.max_action_chars)
+                              state.problems, self.cfg.max_action_chars, scoring=self.cfg.reward.scoring)
             self.task_of[episode_id] = benchmark
         else:
             bench = get_benchmark(benchmark)
@@ -119,7 +119,7 @@ class AFlowWorker:
             judge = self._judge() if bench.name in QA_BENCHMARKS else None
             episode = Episode("query", bench, self.llm, sandbox, tests, self.cfg.max_turns,
                               Scored(seed.graph, seed.prompt, 0.0), None, [], [problem], self.cfg.max_action_chars,
-                              judge)
+                              judge, scoring=self.cfg.reward.scoring)
         self.episodes[episode_id] = episode
         return {"observation": episode.observation(), "anchor_state": episode.current.graph}
 
