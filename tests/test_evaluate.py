@@ -74,7 +74,9 @@ def test_evaluate_against_the_embedded_executor(tmp_path, data_dir):
     second = aflow_cli(*common, "--out", str(tmp_path / "b"))
     assert second.returncode == 0, second.stderr[-2000:]
     again = json.loads(second.stdout.strip().splitlines()[-1])
-    assert again["calls"] == 0 and again["cached_calls"] == summary["calls"]
+    # builtin:cot makes one call per problem; a retry of the first run (a timeout on a busy
+    # machine) counts in its `calls` but is one cached response.
+    assert again["calls"] == 0 and again["cached_calls"] == summary["n"] <= summary["calls"]
     assert again["score"] == summary["score"]
 
 
