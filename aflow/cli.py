@@ -13,17 +13,48 @@ import json
 import os
 import signal
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from aflow import embedded
-from aflow.benchmarks import BENCHMARKS, SCORING_VARIANTS, SPLITS, DataError, resolve_data_dir
+from aflow.benchmarks import BENCHMARKS, SCORING_VARIANTS, SPLITS, DataError, get_benchmark, resolve_data_dir
 from aflow.config import EvalConfig, LLMConfig
 from aflow.llm import ExecutorError, LLMClient
 from aflow.search.workspace import WorkspaceMismatch
-from aflow.workflows import GOLD, WorkflowNotFound
+from aflow.workflows import GOLD, WorkflowCheckError, WorkflowNotFound, load_workflow
 
-SETUP_ERRORS = (DataError, ExecutorError, WorkflowNotFound, WorkspaceMismatch, embedded.EmbeddedUnavailable)
+
+class SetupError(RuntimeError):
+    """A set-up problem found by the command line itself (--out, a workflow that fails its checks)."""
+
+
+SETUP_ERRORS = (DataError, ExecutorError, WorkflowNotFound, WorkspaceMismatch, embedded.EmbeddedUnavailable,
+                SetupError)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An invalid argument is one line and exit 2 (argparse would print the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """--limit, --concurrency (evaluate and optimize): 0 or a negative number is refused (0 used to
+    mean "everything", -1 "all but the last")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
+    return value
+
+
+def benchmark_name(text: str) -> str:
+    """Any case (GSM8K, gsm8k), as data_prep accepts it."""
+    return text.strip().lower()
 
 
 def _add_endpoint_args(parser: argparse.ArgumentParser, role: str) -> None:
@@ -43,15 +74,15 @@ def _add_scoring_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aflow", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="aflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("evaluate", help="run a workflow on a benchmark split and score it")
-    ev.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
+    ev.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), type=benchmark_name)
     ev.add_argument("--split", default="validate", choices=SPLITS)
     ev.add_argument("--workflow", default="builtin:io", help="DIR | builtin:io | builtin:cot | builtin:gold")
-    ev.add_argument("--limit", type=int, default=None)
-    ev.add_argument("--concurrency", type=int, default=8,
+    ev.add_argument("--limit", type=positive_int, default=None, help="the first N problems of the split")
+    ev.add_argument("--concurrency", type=positive_int, default=8,
                     help="executor calls in flight (problems without calls: runs at once)")
     ev.add_argument("--data-dir", default=None, help="AFlow JSONL directory (default: $AFLOW_DATA_DIR)")
     _add_scoring_arg(ev)
@@ -59,14 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-cache", action="store_true", help="do not read or write the response cache")
     ev.add_argument("--cache-path", default=None)
     ev.add_argument("--out", default=None, help="directory for results.jsonl and summary.json")
+    again = ev.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="--out holds an earlier (e.g. interrupted) run: run only the problems it has no record for")
+    again.add_argument("--overwrite", action="store_true", help="--out holds an earlier run: replace its results")
     ev.add_argument("--json", action="store_true", help="print the summary as one JSON line last")
 
     op = sub.add_parser("optimize", help="AFlow search: evolve a workflow on a benchmark's validation split")
-    op.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
+    op.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), type=benchmark_name)
     op.add_argument("--workspace", required=True, help="run directory (created, or continued with --resume)")
     op.add_argument("--rounds", type=int, default=10)
     op.add_argument("--validation-rounds", type=int, default=3)
-    op.add_argument("--limit", type=int, default=None, help="cap the validation problems (cheap runs)")
+    op.add_argument("--limit", type=positive_int, default=None, help="cap the validation problems (cheap runs)")
     op.add_argument("--data-dir", default=None, help="AFlow JSONL directory (default: $AFLOW_DATA_DIR)")
     _add_scoring_arg(op)
     _add_endpoint_args(op, "optimizer")
@@ -77,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--value-model", default=None)
     op.add_argument("--selection", choices=("aflow", "ucb"), default="aflow")
     op.add_argument("--seed", type=int, default=0)
-    op.add_argument("--concurrency", type=int, default=8)
+    op.add_argument("--concurrency", type=positive_int, default=8)
     op.add_argument("--initial-workflow", default="builtin:io")
     op.add_argument("--max-retries", type=int, default=3, help="optimizer answers tried per round")
     op.add_argument("--convergence-rounds", type=int, default=5)
@@ -122,7 +157,58 @@ def executor_endpoint(args: argparse.Namespace, needed: bool = True):
         yield config
 
 
-async def _evaluate(args: argparse.Namespace, endpoint: LLMConfig | None):
+RUN_IDENTITY = ("benchmark", "split", "workflow", "scoring")
+
+
+def prepare_out(out: Path, args: argparse.Namespace, problem_ids: set[str]) -> list[dict] | None:
+    """Check --out before anything expensive starts; never overwrite an earlier run's files
+    without --overwrite. Returns the earlier records to keep (--resume), else None."""
+    if out.exists() and not out.is_dir():
+        raise SetupError(f"--out {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".aflow-write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SetupError(f"cannot write in --out {out}: {exc.strerror or exc}") from exc
+    results, summary = out / "results.jsonl", out / "summary.json"
+    existing = [p.name for p in (results, summary) if p.exists()]
+    if not existing:
+        return [] if args.resume else None
+    if args.overwrite:
+        summary.unlink(missing_ok=True)  # results.jsonl is truncated when the run opens it
+        return None
+    if not args.resume:
+        raise SetupError(f"--out {out} already holds an earlier run ({', '.join(existing)}): pass --resume to "
+                         "complete it, --overwrite to replace it, or choose another --out")
+    if summary.exists():
+        try:
+            before = json.loads(summary.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise SetupError(f"cannot resume: {summary} is unreadable ({exc})") from exc
+        for key in RUN_IDENTITY:
+            if key in before and before[key] != getattr(args, key):
+                raise SetupError(f"cannot resume: {out} holds a run with {key} {before[key]!r}, "
+                                 f"not {getattr(args, key)!r} (choose another --out)")
+    records = []
+    if results.exists():
+        for line in results.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash: that problem runs again
+            if isinstance(record, dict) and isinstance(record.get("id"), str):
+                records.append(record)
+    foreign = sorted({r["id"] for r in records} - problem_ids)
+    if foreign:
+        raise SetupError(f"cannot resume: {results} has records for {len(foreign)} problems outside this "
+                         f"selection (e.g. {foreign[0]}; was --limit different?)")
+    return list({r["id"]: r for r in records}.values())
+
+
+async def _evaluate(args: argparse.Namespace, endpoint: LLMConfig | None, problems, workflow,
+                    previous: list[dict] | None):
     from aflow.evaluate import evaluate
 
     config = EvalConfig(benchmark=args.benchmark, split=args.split, workflow=args.workflow, limit=args.limit,
@@ -133,22 +219,53 @@ async def _evaluate(args: argparse.Namespace, endpoint: LLMConfig | None):
     llm = LLMClient(endpoint) if endpoint is not None else None
     try:
         if llm:
-            await llm.check()
-        return await evaluate(config, llm, progress=sys.stderr.isatty() or not args.json)
+            await llm.check(chat=True)  # a URL that does not answer a chat completion is a set-up error
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_sigint() -> None:  # Ctrl-C: keep what was completed; a second Ctrl-C stops at once
+            stop.set()
+            loop.remove_signal_handler(signal.SIGINT)
+
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        try:
+            return await evaluate(config, llm, progress=sys.stderr.isatty() or not args.json, problems=problems,
+                                  workflow=workflow, previous=previous, stop=stop)
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
     finally:
         if llm:
             await llm.close()
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    # Cheap checks first: data, workflow and --out, before any server starts or any call is made.
+    out = Path(args.out) if args.out else None
+    if (args.resume or args.overwrite) and out is None:
+        raise SetupError(f"--{'resume' if args.resume else 'overwrite'} needs --out")
+    problems = get_benchmark(args.benchmark).load(args.split, resolve_data_dir(args.data_dir), args.limit)
+    try:
+        workflow = load_workflow(args.workflow)
+    except WorkflowCheckError as exc:
+        raise SetupError(f"workflow {args.workflow} is rejected: {' '.join(str(exc).split())}") from exc
+    previous = prepare_out(out, args, {p.id for p in problems}) if out else None
     needs_llm = args.workflow != GOLD
     with executor_endpoint(args, needed=needs_llm) as endpoint:
-        summary, _ = asyncio.run(_evaluate(args, endpoint if needs_llm else None))
+        summary, _ = asyncio.run(_evaluate(args, endpoint if needs_llm else None, problems, workflow, previous))
     s = asdict(summary)
+    if summary.interrupted:
+        if args.json:
+            print(json.dumps(s), flush=True)
+        kept = (f"kept in {out / 'results.jsonl'} with a summary marked interrupted in {out / 'summary.json'}; "
+                "add --resume to run the rest" if out else "nothing saved (no --out)")
+        print(f"aflow: interrupted: {summary.n} of {summary.planned} problems done ({summary.resumed} from the "
+              f"earlier run), score so far {summary.score:.4f}; {kept}", file=sys.stderr, flush=True)
+        return 130
+    resumed = f" ({summary.resumed} carried over from the earlier run)" if summary.resumed else ""
     print(f"{s['benchmark']}/{s['split']} {s['workflow']}: score {s['score']:.4f} ({s['scoring']} scoring) "
-          f"on {s['n']} problems, {s['errors']} errors, {s['calls']} calls, "
-          f"{s['prompt_tokens']}+{s['completion_tokens']} tokens, ${s['cost_usd']:.4f}, {s['wall_s']:.1f}s"
-          + (f"; results in {args.out}" if args.out else ""))
+          f"on {s['n']} problems{resumed}, {s['errors']} errors, {s['calls']} calls, "
+          f"{s['prompt_tokens']}+{s['completion_tokens']} tokens, ${s['cost_usd']:.4f}, {s['wall_s']:.1f}s; "
+          + (f"results in {out}" if out else "results not saved (pass --out DIR to keep them)"))
     if args.json:
         print(json.dumps(s))
     return 0
