@@ -238,16 +238,33 @@ async def _evaluate(args: argparse.Namespace, endpoint: LLMConfig | None, proble
             await llm.close()
 
 
+def checked_workflow(spec: str, benchmark: str):
+    """The workflow, or a set-up error (printed once, not once per problem) when it fails its
+    static checks or does not load: graph.py and prompt.py are loaded and Workflow constructed
+    in the sandbox, as every problem would, without running it."""
+    from aflow.operators import OPERATOR_NAMES
+    from aflow.sandbox import Sandbox
+
+    try:
+        workflow = load_workflow(spec)
+    except WorkflowCheckError as exc:
+        raise SetupError(f"workflow {spec} is rejected: {' '.join(str(exc).split())}") from exc
+    if spec.startswith("builtin:"):
+        return workflow
+    loaded = asyncio.run(Sandbox(use_zygote=False).load_workflow(workflow.graph, workflow.prompt, OPERATOR_NAMES,
+                                                                 workflow.format, benchmark))
+    if not loaded.ok:
+        raise SetupError(f"workflow {spec} does not load: {' '.join(str(loaded.error).split())[:500]}")
+    return workflow
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     # Cheap checks first: data, workflow and --out, before any server starts or any call is made.
     out = Path(args.out) if args.out else None
     if (args.resume or args.overwrite) and out is None:
         raise SetupError(f"--{'resume' if args.resume else 'overwrite'} needs --out")
     problems = get_benchmark(args.benchmark).load(args.split, resolve_data_dir(args.data_dir), args.limit)
-    try:
-        workflow = load_workflow(args.workflow)
-    except WorkflowCheckError as exc:
-        raise SetupError(f"workflow {args.workflow} is rejected: {' '.join(str(exc).split())}") from exc
+    workflow = checked_workflow(args.workflow, args.benchmark)
     previous = prepare_out(out, args, {p.id for p in problems}) if out else None
     needs_llm = args.workflow != GOLD
     with executor_endpoint(args, needed=needs_llm) as endpoint:

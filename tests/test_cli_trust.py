@@ -226,6 +226,12 @@ def test_bad_out_is_one_line_before_the_embedded_server(tmp_path, gsm8k, kind):
 @pytest.mark.parametrize("source,fragment", [
     ("class Workflow:\n    async def __call__(self, problem:\n        return 1\n", "does not parse"),
     ("import os\nclass Workflow:\n    async def __call__(self, problem):\n        return os.getcwd()\n", "'os'"),
+    ("from aflow_ops import Nope\nclass Workflow:\n    async def __call__(self, problem):\n        return 1\n",
+     "does not load: ImportError"),
+    ("X = 1 / 0\nclass Workflow:\n    async def __call__(self, problem):\n        return 1\n",
+     "does not load: ZeroDivisionError"),
+    ("class Workflow:\n    def __init__(self):\n        raise ValueError('bad init')\n"
+     "    async def __call__(self, problem):\n        return 1\n", "bad init"),
 ])
 def test_rejected_workflow_is_one_setup_error(tmp_path, gsm8k, fake_openai, source, fragment):
     wf = tmp_path / "wf"
