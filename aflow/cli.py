@@ -100,8 +100,15 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), type=benchmark_name)
     op.add_argument("--workspace", required=True, help="run directory (created, or continued with --resume)")
     op.add_argument("--rounds", type=int, default=10)
-    op.add_argument("--validation-rounds", type=int, default=3)
-    op.add_argument("--limit", type=positive_int, default=None, help="cap the validation problems (cheap runs)")
+    op.add_argument("--validation-rounds", type=int, default=3,
+                    help="validation runs per workflow (≥ 1): run 1 at the executor's temperature (0), runs 2.. "
+                         "sampled at --validation-temperature with a seed per round and run, so they are "
+                         "independent samples and never answered with run 1's cached answers")
+    op.add_argument("--validation-temperature", type=float, default=0.7,
+                    help="executor temperature of validation runs 2.. (default 0.7)")
+    op.add_argument("--limit", type=positive_int, default=None,
+                    help="cap the validation problems (cheap runs); also caps the test problems of --test "
+                         "unless --test-limit is given")
     op.add_argument("--data-dir", default=None, help="AFlow JSONL directory (default: $AFLOW_DATA_DIR)")
     _add_scoring_arg(op)
     _add_endpoint_args(op, "optimizer")
@@ -118,14 +125,30 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--convergence-rounds", type=int, default=5)
     op.add_argument("--cache-path", default=None)
     op.add_argument("--resume", action="store_true", help="continue the search in --workspace")
-    op.add_argument("--test", action="store_true", help="then score the best workflows on the test split, "
-                                                        "write report.md and plot.png")
-    op.add_argument("--test-limit", type=int, default=None, help="cap the test problems of --test")
+    op.add_argument("--test", action="store_true",
+                    help="then score the 3 best workflows on the test split (capped by --limit, or --test-limit), "
+                         "with a progress bar, and write report.md and plot.png")
+    op.add_argument("--test-limit", type=_test_limit, default=None,
+                    help="test problems per workflow for --test: a number, or 'all' for the whole split "
+                         "(default: --limit, so a capped search stays cheap; gsm8k's test split has 1,055)")
     op.add_argument("--json", action="store_true", help="print the result as one JSON line last")
 
     serve = sub.add_parser("serve-executor", help="serve SmolLM2-135M over an OpenAI-compatible API on 127.0.0.1")
     serve.add_argument("--port", type=int, default=8848)
     return parser
+
+
+def _test_limit(text: str) -> int:
+    """--test-limit: a positive number, or 'all' (0: the whole split)."""
+    if text.strip().lower() == "all":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1 (or 'all'), got {value}")
+    return value
 
 
 def executor_config(args: argparse.Namespace) -> LLMConfig:
@@ -269,6 +292,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     needs_llm = args.workflow != GOLD
     with executor_endpoint(args, needed=needs_llm) as endpoint:
         summary, _ = asyncio.run(_evaluate(args, endpoint if needs_llm else None, problems, workflow, previous))
+        return report_evaluation(args, summary, out)  # before the embedded server is stopped: no wait
+
+
+def report_evaluation(args: argparse.Namespace, summary, out: Path | None) -> int:
     s = asdict(summary)
     if summary.interrupted:
         if args.json:
@@ -324,6 +351,7 @@ async def _optimize(args: argparse.Namespace, executor_cfg: LLMConfig, optimizer
         concurrency=args.concurrency, initial_workflow=args.initial_workflow, max_retries=args.max_retries,
         convergence_rounds=args.convergence_rounds, seed=args.seed, value_provider=args.value_provider,
         selection=SelectionConfig(rule=args.selection, value_weight=args.value_weight), scoring=args.scoring,
+        validation_temperature=args.validation_temperature,
     )
     if args.cache_path:
         executor_cfg.cache_path = optimizer_cfg.cache_path = Path(args.cache_path)
@@ -333,29 +361,75 @@ async def _optimize(args: argparse.Namespace, executor_cfg: LLMConfig, optimizer
                               model=args.value_model or optimizer_cfg.model, api_key_env=optimizer_cfg.api_key_env)
         clients.append(LLMClient(value_cfg))
     try:
-        search = Search(config, clients[0], clients[1], clients[2] if len(clients) > 2 else None)
+        progress = sys.stderr.isatty() or not args.json  # a progress bar per evaluation, as `aflow evaluate`
+        search = Search(config, clients[0], clients[1], clients[2] if len(clients) > 2 else None, progress=progress)
         result = await search.run(resume=args.resume)
+        scores: dict[int, float] = {}
         if args.test:
-            scores = await test_best(search.tree, config.workspace, config.benchmark, clients[0],
-                                     config.data_dir, args.test_limit, config.concurrency, scoring=config.scoring)
+            limit = test_problem_limit(args)
+            top = min(3, len(search.tree.nodes))
+            print(f"aflow: testing the {top} best workflow(s) on {_test_size(args, limit)} "
+                  f"{config.benchmark} test problems each", file=sys.stderr, flush=True)
+            scores = await test_best(search.tree, config.workspace, config.benchmark, clients[0], config.data_dir,
+                                     limit, config.concurrency, top=top, scoring=config.scoring, progress=progress)
             result.test_score = scores.get(result.best_round)
-            results = search.workspace.read_results()
-            plot(results, config.workspace / "plot.png")
+        results = search.workspace.read_results()
+        if results.get("rounds"):  # report and plot after every search, with test scores when --test ran
             write_report(results, scores, config.workspace)
+            plot(results, config.workspace / "plot.png", scores)
         return asdict(result)
     finally:
         for client in clients:
             await client.close()
 
 
+def test_problem_limit(args: argparse.Namespace) -> int | None:
+    """Test problems per workflow of --test: --test-limit if given ('all': None), else --limit
+    (a search capped for cheapness must not silently run the whole test split), else all."""
+    if args.test_limit is not None:
+        return args.test_limit or None
+    return args.limit
+
+
+def _test_size(args: argparse.Namespace, limit: int | None) -> str:
+    if limit is None:
+        why = "--test-limit all" if args.test_limit == 0 else "no --limit or --test-limit"
+        return f"all ({why})"
+    return f"up to {limit} (--{'test-limit' if args.test_limit else 'limit'} {limit})"
+
+
+def optimize_arg_error(args: argparse.Namespace) -> str | None:
+    """A setting that would make the search meaningless or crash, as one line (exit 2)."""
+    if args.rounds < 1:
+        return f"--rounds must be ≥ 1 (got {args.rounds}): round 1 evaluates the initial workflow"
+    if args.validation_rounds < 1:
+        return (f"--validation-rounds must be ≥ 1 (got {args.validation_rounds}): with none, no workflow is "
+                "evaluated and every score would be a meaningless 0")
+    if args.limit is not None and args.limit < 1:
+        return f"--limit must be ≥ 1 (got {args.limit})"
+    if args.max_retries < 1:
+        return f"--max-retries must be ≥ 1 (got {args.max_retries})"
+    if args.validation_temperature < 0:
+        return f"--validation-temperature must be ≥ 0 (got {args.validation_temperature})"
+    if args.validation_rounds > 1 and args.validation_temperature == 0:
+        return ("--validation-temperature 0 makes validation runs 2.. repeat run 1's answers (std always 0): "
+                "use a temperature > 0, or --validation-rounds 1")
+    return None
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
+    problem = optimize_arg_error(args)
+    if problem:
+        print(f"aflow: error: {problem}", file=sys.stderr)
+        return 2
     with search_endpoints(args) as (executor_cfg, optimizer_cfg):
         result = asyncio.run(_optimize(args, executor_cfg, optimizer_cfg))
     test = f", test {result['test_score']:.4f}" if result.get("test_score") is not None else ""
+    cached = f" ({result['cached_calls']} answered from the cache)" if result.get("cached_calls") else ""
     print(f"{args.benchmark} ({args.scoring} scoring): {result['rounds_done']} rounds, "
           f"best round {result['best_round']} (validation {result['best_validation_score']:.4f}{test}), "
-          f"${result['total_cost_usd']:.4f}, {result['calls']} calls, {result['wall_s']:.1f}s; "
-          f"workspace {args.workspace}")
+          f"${result['total_cost_usd']:.4f}, {result['calls']} calls{cached}, {result['wall_s']:.1f}s; "
+          f"workspace {args.workspace} (report.md, plot.png)")
     if args.json:
         print(json.dumps(result))
     return 0

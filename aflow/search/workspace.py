@@ -9,7 +9,8 @@ leaves completed rounds intact and `--resume` redoes at most the round in progre
       round_1/scores.json         scores, mean, std, parent, modification, cost: the commit mark
       expansions.jsonl            every optimizer answer, accepted or rejected, with the reason
       experience.sqlite           the experience pool (experience.jsonl: its export)
-      results.json                per-round summary, best round, totals, RNG state
+      results.json                per-round summary (evaluated and rejected rounds), best round, totals
+      rng_state.json              the selection RNG's state (for --resume)
 """
 
 from __future__ import annotations
@@ -116,6 +117,13 @@ class Workspace:
 
     def write_results(self, results: dict) -> None:
         atomic_write_json(self.root / "results.json", results)
+
+    def write_rng_state(self, state: list) -> None:
+        atomic_write_json(self.root / "rng_state.json", state)
+
+    def read_rng_state(self) -> list | None:
+        path = self.root / "rng_state.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def read_results(self) -> dict:
         path = self.root / "results.json"
