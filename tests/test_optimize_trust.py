@@ -116,6 +116,8 @@ def test_every_round_says_what_it_did_and_resume_of_a_finished_run_does_nothing(
         calls_after_first = server.count
         again = run(optimize(workspace, server, "--rounds", "3", "--max-retries", "1", "--resume", data_dir=data_dir))
         calls_after_resume = server.count
+        other = run(optimize(workspace, server, "--rounds", "4", "--resume", "--validation-temperature", "0.3",
+                             data_dir=data_dir))
     assert first.returncode == 0, first.stderr[-3000:]
     err = first.stderr
     assert "None" not in err
@@ -131,6 +133,7 @@ def test_every_round_says_what_it_did_and_resume_of_a_finished_run_does_nothing(
     assert "continuing at round 4" not in again.stderr
     assert calls_after_resume == calls_after_first  # nothing evaluated, nothing asked
     assert json.loads(again.stdout.strip().splitlines()[-1])["rounds_done"] == 3
+    assert other.returncode == 2 and "validation_temperature" in other.stderr  # repeats must stay comparable
 
 
 def test_repeated_validation_runs_are_independent_samples(tmp_path, data_dir):

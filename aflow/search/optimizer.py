@@ -61,7 +61,7 @@ class SearchConfig:
         return {"benchmark": self.benchmark, "validation_rounds": self.validation_rounds, "limit": self.limit,
                 "seed": self.seed, "selection": self.selection.rule, "value_provider": self.value_provider,
                 "value_weight": self.selection.value_weight, "initial_workflow": self.initial_workflow,
-                "scoring": self.scoring}
+                "scoring": self.scoring, "validation_temperature": self.validation_temperature}
 
 
 @dataclass

@@ -60,8 +60,10 @@ class Workspace:
                 raise WorkspaceMismatch(f"{self.root} already holds a search: pass --resume, or use a new --workspace")
             saved = json.loads(path.read_text())
             keys = ("benchmark", "validation_rounds", "limit", "seed", "selection", "value_provider", "value_weight",
-                    "scoring")
+                    "scoring", "validation_temperature")
             saved.setdefault("scoring", "aflow")  # written before the variant existed: AFlow's rules
+            # written before repeats were sampled: its repeats were run 1's answers; not a reason to refuse
+            saved.setdefault("validation_temperature", config.get("validation_temperature"))
             different = [k for k in keys if saved.get(k) != config.get(k)]
             if different:
                 raise WorkspaceMismatch(f"--resume with different settings than the workspace: {', '.join(different)}")
