@@ -302,16 +302,17 @@ def report_evaluation(args: argparse.Namespace, summary, out: Path | None) -> in
             print(json.dumps(s), flush=True)
         kept = (f"kept in {out / 'results.jsonl'} with a summary marked interrupted in {out / 'summary.json'}; "
                 "add --resume to run the rest" if out else "nothing saved (no --out)")
-        print(f"aflow: interrupted: {summary.n} of {summary.planned} problems done ({summary.resumed} from the "
-              f"earlier run), score so far {summary.score:.4f}; {kept}", file=sys.stderr, flush=True)
+        earlier = f" ({summary.resumed} from the earlier run)" if summary.resumed else ""
+        print(f"aflow: interrupted: {summary.n} of {summary.planned} problems done{earlier}, score so far "
+              f"{summary.score:.4f}; {kept}", file=sys.stderr, flush=True)
         return 130
     resumed = f" ({summary.resumed} carried over from the earlier run)" if summary.resumed else ""
     print(f"{s['benchmark']}/{s['split']} {s['workflow']}: score {s['score']:.4f} ({s['scoring']} scoring) "
           f"on {s['n']} problems{resumed}, {s['errors']} errors, {s['calls']} calls, "
           f"{s['prompt_tokens']}+{s['completion_tokens']} tokens, ${s['cost_usd']:.4f}, {s['wall_s']:.1f}s; "
-          + (f"results in {out}" if out else "results not saved (pass --out DIR to keep them)"))
+          + (f"results in {out}" if out else "results not saved (pass --out DIR to keep them)"), flush=True)
     if args.json:
-        print(json.dumps(s))
+        print(json.dumps(s), flush=True)
     return 0
 
 
