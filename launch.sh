@@ -15,6 +15,7 @@
 #                                        # exit 0 valid (3 with --strict if the plan does not fit), 2 invalid
 #   bash launch.sh OVERRIDES...          # GRPO training on a Ray cluster (hydra overrides, e.g.
 #                                        # preset=qwen2.5-7b-a100-80g data.train_files=/abs/train.parquet)
+#   bash launch.sh --help | -h           # usage of these modes; installs, starts and submits nothing
 #
 # Training: uses $RAY_ADDRESS, else the Ray cluster running on this machine, else starts a head here
 # (`ray start --head`, token authentication: RAY_AUTH_MODE=token). It validates the config and checks the
@@ -23,6 +24,7 @@
 # this directory as the job's working_dir, so every worker imports aflow, agent_system and recipes.
 # Outputs (checkpoints, tensorboard, hydra logs, the composed config) go to $AFLOW_RUNS_DIR (./runs).
 set -euo pipefail
+CALLER_PWD="$PWD"  # a relative --out is the caller's, not this directory's
 cd "$(dirname "$0")"
 ROOT="$PWD"
 VENV="${AFLOW_VENV:-$ROOT/.venv}"
@@ -40,7 +42,37 @@ need_trainer_env() {
   fi
 }
 
+usage() {
+  cat <<'USAGE'
+usage: bash launch.sh [MODE ARGUMENTS]
+
+  bash launch.sh
+      the main job. No CUDA GPU: a few GRPO steps of the local trainer on the embedded default
+      (recipes/run_local_grpo.sh); with a CUDA GPU: the verl job (recipes/run_qwen7b_grpo.sh).
+  bash launch.sh --benchmark B [aflow evaluate arguments...]
+      evaluate a workflow (arguments starting with `--` go to `aflow evaluate`; its options:
+      `bash launch.sh --benchmark gsm8k --help`). Results go to --out DIR if given, else
+      $AFLOW_RUNS_DIR/eval-<timestamp> (./runs); the path is printed at the end.
+  bash launch.sh --dry-run [--strict] [OVERRIDES...]
+      compose and validate the training config, print it and its resource plan; starts nothing.
+      Exit 0 valid (3 with --strict when the plan does not fit this machine), 2 invalid.
+  bash launch.sh OVERRIDES...
+      GRPO training on a Ray cluster ($RAY_ADDRESS, else the one on this machine, else a head
+      started here), e.g. preset=qwen2.5-7b-a100-80g data.train_files=/abs/train.parquet.
+      Outputs go to $AFLOW_RUNS_DIR (./runs).
+  bash launch.sh --help | -h
+      this text.
+
+Presets: qwen2.5-7b-a100-80g (default), qwen2.5-7b-a100-40g-lora, cpu-smoke, cpu-local.
+AFlow search: `aflow optimize --help`.
+USAGE
+}
+
 mode=train
+if [ "$#" -gt 0 ] && { [ "$1" = "--help" ] || [ "$1" = "-h" ] || [ "$1" = "help" ]; }; then
+  usage
+  exit 0
+fi
 if [ "$#" -eq 0 ]; then
   if has_cuda; then mode=recipe; else mode=local; fi
 elif [ "$1" = "--dry-run" ]; then
@@ -55,9 +87,35 @@ local)
   exec bash recipes/run_local_grpo.sh
   ;;
 evaluate)
+  # the path really written: the user's --out (the last one given, as argparse takes it; a relative one
+  # is made absolute against the caller's directory), else a new directory under $AFLOW_RUNS_DIR (./runs)
+  out=""
+  wants_help=0
+  args=()
+  prev=""
+  for arg in "$@"; do
+    if [ "$prev" = "--out" ] || [[ "$arg" == --out=* ]]; then
+      value="${arg#--out=}"
+      [[ "$value" == /* ]] || value="$CALLER_PWD/$value"
+      out="$value"
+      if [[ "$arg" == --out=* ]]; then arg="--out=$value"; else arg="$value"; fi
+    fi
+    case "$arg" in -h | --help) wants_help=1 ;; esac
+    args+=("$arg")
+    prev="$arg"
+  done
+  set -- "${args[@]}"
   source scripts/bootstrap.sh "$(extras)"
-  out="runs/eval-$(date +%Y%m%d-%H%M%S)"
-  aflow evaluate --out "$out" "$@"
+  if [ "$wants_help" = 1 ]; then  # aflow evaluate's help, and no results path (nothing is written)
+    exec aflow evaluate "$@"
+  fi
+  if [ -z "$out" ]; then
+    runs="${AFLOW_RUNS_DIR:-$ROOT/runs}"
+    [[ "$runs" == /* ]] || runs="$CALLER_PWD/$runs"
+    out="$runs/eval-$(date +%Y%m%d-%H%M%S)"
+    set -- --out "$out" "$@"
+  fi
+  aflow evaluate "$@"
   echo "results: $out/results.jsonl  summary: $out/summary.json"
   exit 0
   ;;

@@ -13,17 +13,48 @@ import json
 import os
 import signal
 import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 from aflow import embedded
-from aflow.benchmarks import BENCHMARKS, SCORING_VARIANTS, SPLITS, DataError, resolve_data_dir
+from aflow.benchmarks import BENCHMARKS, SCORING_VARIANTS, SPLITS, DataError, get_benchmark, resolve_data_dir
 from aflow.config import EvalConfig, LLMConfig
 from aflow.llm import ExecutorError, LLMClient
 from aflow.search.workspace import WorkspaceMismatch
-from aflow.workflows import GOLD, WorkflowNotFound
+from aflow.workflows import GOLD, WorkflowCheckError, WorkflowNotFound, load_workflow
 
-SETUP_ERRORS = (DataError, ExecutorError, WorkflowNotFound, WorkspaceMismatch, embedded.EmbeddedUnavailable)
+
+class SetupError(RuntimeError):
+    """A set-up problem found by the command line itself (--out, a workflow that fails its checks)."""
+
+
+SETUP_ERRORS = (DataError, ExecutorError, WorkflowNotFound, WorkspaceMismatch, embedded.EmbeddedUnavailable,
+                SetupError)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An invalid argument is one line and exit 2 (argparse would print the whole usage first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """--limit, --concurrency (evaluate and optimize): 0 or a negative number is refused (0 used to
+    mean "everything", -1 "all but the last")."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {value}")
+    return value
+
+
+def benchmark_name(text: str) -> str:
+    """Any case (GSM8K, gsm8k), as data_prep accepts it."""
+    return text.strip().lower()
 
 
 def _add_endpoint_args(parser: argparse.ArgumentParser, role: str) -> None:
@@ -43,15 +74,15 @@ def _add_scoring_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aflow", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="aflow", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     ev = sub.add_parser("evaluate", help="run a workflow on a benchmark split and score it")
-    ev.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
+    ev.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), type=benchmark_name)
     ev.add_argument("--split", default="validate", choices=SPLITS)
     ev.add_argument("--workflow", default="builtin:io", help="DIR | builtin:io | builtin:cot | builtin:gold")
-    ev.add_argument("--limit", type=int, default=None)
-    ev.add_argument("--concurrency", type=int, default=8,
+    ev.add_argument("--limit", type=positive_int, default=None, help="the first N problems of the split")
+    ev.add_argument("--concurrency", type=positive_int, default=8,
                     help="executor calls in flight (problems without calls: runs at once)")
     ev.add_argument("--data-dir", default=None, help="AFlow JSONL directory (default: $AFLOW_DATA_DIR)")
     _add_scoring_arg(ev)
@@ -59,14 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-cache", action="store_true", help="do not read or write the response cache")
     ev.add_argument("--cache-path", default=None)
     ev.add_argument("--out", default=None, help="directory for results.jsonl and summary.json")
+    again = ev.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="--out holds an earlier (e.g. interrupted) run: run only the problems it has no record for")
+    again.add_argument("--overwrite", action="store_true", help="--out holds an earlier run: replace its results")
     ev.add_argument("--json", action="store_true", help="print the summary as one JSON line last")
 
     op = sub.add_parser("optimize", help="AFlow search: evolve a workflow on a benchmark's validation split")
-    op.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS))
+    op.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), type=benchmark_name)
     op.add_argument("--workspace", required=True, help="run directory (created, or continued with --resume)")
     op.add_argument("--rounds", type=int, default=10)
-    op.add_argument("--validation-rounds", type=int, default=3)
-    op.add_argument("--limit", type=int, default=None, help="cap the validation problems (cheap runs)")
+    op.add_argument("--validation-rounds", type=int, default=3,
+                    help="validation runs per workflow (≥ 1): run 1 at the executor's temperature (0), runs 2.. "
+                         "sampled at --validation-temperature with a seed per round and run, so they are "
+                         "independent samples and never answered with run 1's cached answers")
+    op.add_argument("--validation-temperature", type=float, default=0.7,
+                    help="executor temperature of validation runs 2.. (default 0.7)")
+    op.add_argument("--limit", type=positive_int, default=None,
+                    help="cap the validation problems (cheap runs); also caps the test problems of --test "
+                         "unless --test-limit is given")
     op.add_argument("--data-dir", default=None, help="AFlow JSONL directory (default: $AFLOW_DATA_DIR)")
     _add_scoring_arg(op)
     _add_endpoint_args(op, "optimizer")
@@ -77,20 +119,36 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--value-model", default=None)
     op.add_argument("--selection", choices=("aflow", "ucb"), default="aflow")
     op.add_argument("--seed", type=int, default=0)
-    op.add_argument("--concurrency", type=int, default=8)
+    op.add_argument("--concurrency", type=positive_int, default=8)
     op.add_argument("--initial-workflow", default="builtin:io")
     op.add_argument("--max-retries", type=int, default=3, help="optimizer answers tried per round")
     op.add_argument("--convergence-rounds", type=int, default=5)
     op.add_argument("--cache-path", default=None)
     op.add_argument("--resume", action="store_true", help="continue the search in --workspace")
-    op.add_argument("--test", action="store_true", help="then score the best workflows on the test split, "
-                                                        "write report.md and plot.png")
-    op.add_argument("--test-limit", type=int, default=None, help="cap the test problems of --test")
+    op.add_argument("--test", action="store_true",
+                    help="then score the 3 best workflows on the test split (capped by --limit, or --test-limit), "
+                         "with a progress bar, and write report.md and plot.png")
+    op.add_argument("--test-limit", type=_test_limit, default=None,
+                    help="test problems per workflow for --test: a number, or 'all' for the whole split "
+                         "(default: --limit, so a capped search stays cheap; gsm8k's test split has 1,055)")
     op.add_argument("--json", action="store_true", help="print the result as one JSON line last")
 
     serve = sub.add_parser("serve-executor", help="serve SmolLM2-135M over an OpenAI-compatible API on 127.0.0.1")
     serve.add_argument("--port", type=int, default=8848)
     return parser
+
+
+def _test_limit(text: str) -> int:
+    """--test-limit: a positive number, or 'all' (0: the whole split)."""
+    if text.strip().lower() == "all":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1 (or 'all'), got {value}")
+    return value
 
 
 def executor_config(args: argparse.Namespace) -> LLMConfig:
@@ -122,7 +180,58 @@ def executor_endpoint(args: argparse.Namespace, needed: bool = True):
         yield config
 
 
-async def _evaluate(args: argparse.Namespace, endpoint: LLMConfig | None):
+RUN_IDENTITY = ("benchmark", "split", "workflow", "scoring")
+
+
+def prepare_out(out: Path, args: argparse.Namespace, problem_ids: set[str]) -> list[dict] | None:
+    """Check --out before anything expensive starts; never overwrite an earlier run's files
+    without --overwrite. Returns the earlier records to keep (--resume), else None."""
+    if out.exists() and not out.is_dir():
+        raise SetupError(f"--out {out} is a file, not a directory")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".aflow-write-test-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise SetupError(f"cannot write in --out {out}: {exc.strerror or exc}") from exc
+    results, summary = out / "results.jsonl", out / "summary.json"
+    existing = [p.name for p in (results, summary) if p.exists()]
+    if not existing:
+        return [] if args.resume else None
+    if args.overwrite:
+        summary.unlink(missing_ok=True)  # results.jsonl is truncated when the run opens it
+        return None
+    if not args.resume:
+        raise SetupError(f"--out {out} already holds an earlier run ({', '.join(existing)}): pass --resume to "
+                         "complete it, --overwrite to replace it, or choose another --out")
+    if summary.exists():
+        try:
+            before = json.loads(summary.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise SetupError(f"cannot resume: {summary} is unreadable ({exc})") from exc
+        for key in RUN_IDENTITY:
+            if key in before and before[key] != getattr(args, key):
+                raise SetupError(f"cannot resume: {out} holds a run with {key} {before[key]!r}, "
+                                 f"not {getattr(args, key)!r} (choose another --out)")
+    records = []
+    if results.exists():
+        for line in results.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash: that problem runs again
+            if isinstance(record, dict) and isinstance(record.get("id"), str):
+                records.append(record)
+    foreign = sorted({r["id"] for r in records} - problem_ids)
+    if foreign:
+        raise SetupError(f"cannot resume: {results} has records for {len(foreign)} problems outside this "
+                         f"selection (e.g. {foreign[0]}; was --limit different?)")
+    return list({r["id"]: r for r in records}.values())
+
+
+async def _evaluate(args: argparse.Namespace, endpoint: LLMConfig | None, problems, workflow,
+                    previous: list[dict] | None):
     from aflow.evaluate import evaluate
 
     config = EvalConfig(benchmark=args.benchmark, split=args.split, workflow=args.workflow, limit=args.limit,
@@ -133,24 +242,77 @@ async def _evaluate(args: argparse.Namespace, endpoint: LLMConfig | None):
     llm = LLMClient(endpoint) if endpoint is not None else None
     try:
         if llm:
-            await llm.check()
-        return await evaluate(config, llm, progress=sys.stderr.isatty() or not args.json)
+            await llm.check(chat=True)  # a URL that does not answer a chat completion is a set-up error
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+
+        def on_sigint() -> None:  # Ctrl-C: keep what was completed; a second Ctrl-C stops at once
+            stop.set()
+            loop.remove_signal_handler(signal.SIGINT)
+
+        loop.add_signal_handler(signal.SIGINT, on_sigint)
+        try:
+            return await evaluate(config, llm, progress=sys.stderr.isatty() or not args.json, problems=problems,
+                                  workflow=workflow, previous=previous, stop=stop)
+        finally:
+            loop.remove_signal_handler(signal.SIGINT)
     finally:
         if llm:
             await llm.close()
 
 
+def checked_workflow(spec: str, benchmark: str):
+    """The workflow, or a set-up error (printed once, not once per problem) when it fails its
+    static checks or does not load: graph.py and prompt.py are loaded and Workflow constructed
+    in the sandbox, as every problem would, without running it."""
+    from aflow.operators import OPERATOR_NAMES
+    from aflow.sandbox import Sandbox
+
+    try:
+        workflow = load_workflow(spec)
+    except WorkflowCheckError as exc:
+        raise SetupError(f"workflow {spec} is rejected: {' '.join(str(exc).split())}") from exc
+    if spec.startswith("builtin:"):
+        return workflow
+    loaded = asyncio.run(Sandbox(use_zygote=False).load_workflow(workflow.graph, workflow.prompt, OPERATOR_NAMES,
+                                                                 workflow.format, benchmark))
+    if not loaded.ok:
+        raise SetupError(f"workflow {spec} does not load: {' '.join(str(loaded.error).split())[:500]}")
+    return workflow
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    # Cheap checks first: data, workflow and --out, before any server starts or any call is made.
+    out = Path(args.out) if args.out else None
+    if (args.resume or args.overwrite) and out is None:
+        raise SetupError(f"--{'resume' if args.resume else 'overwrite'} needs --out")
+    problems = get_benchmark(args.benchmark).load(args.split, resolve_data_dir(args.data_dir), args.limit)
+    workflow = checked_workflow(args.workflow, args.benchmark)
+    previous = prepare_out(out, args, {p.id for p in problems}) if out else None
     needs_llm = args.workflow != GOLD
     with executor_endpoint(args, needed=needs_llm) as endpoint:
-        summary, _ = asyncio.run(_evaluate(args, endpoint if needs_llm else None))
+        summary, _ = asyncio.run(_evaluate(args, endpoint if needs_llm else None, problems, workflow, previous))
+        return report_evaluation(args, summary, out)  # before the embedded server is stopped: no wait
+
+
+def report_evaluation(args: argparse.Namespace, summary, out: Path | None) -> int:
     s = asdict(summary)
+    if summary.interrupted:
+        if args.json:
+            print(json.dumps(s), flush=True)
+        kept = (f"kept in {out / 'results.jsonl'} with a summary marked interrupted in {out / 'summary.json'}; "
+                "add --resume to run the rest" if out else "nothing saved (no --out)")
+        earlier = f" ({summary.resumed} from the earlier run)" if summary.resumed else ""
+        print(f"aflow: interrupted: {summary.n} of {summary.planned} problems done{earlier}, score so far "
+              f"{summary.score:.4f}; {kept}", file=sys.stderr, flush=True)
+        return 130
+    resumed = f" ({summary.resumed} carried over from the earlier run)" if summary.resumed else ""
     print(f"{s['benchmark']}/{s['split']} {s['workflow']}: score {s['score']:.4f} ({s['scoring']} scoring) "
-          f"on {s['n']} problems, {s['errors']} errors, {s['calls']} calls, "
-          f"{s['prompt_tokens']}+{s['completion_tokens']} tokens, ${s['cost_usd']:.4f}, {s['wall_s']:.1f}s"
-          + (f"; results in {args.out}" if args.out else ""))
+          f"on {s['n']} problems{resumed}, {s['errors']} errors, {s['calls']} calls, "
+          f"{s['prompt_tokens']}+{s['completion_tokens']} tokens, ${s['cost_usd']:.4f}, {s['wall_s']:.1f}s; "
+          + (f"results in {out}" if out else "results not saved (pass --out DIR to keep them)"), flush=True)
     if args.json:
-        print(json.dumps(s))
+        print(json.dumps(s), flush=True)
     return 0
 
 
@@ -190,6 +352,7 @@ async def _optimize(args: argparse.Namespace, executor_cfg: LLMConfig, optimizer
         concurrency=args.concurrency, initial_workflow=args.initial_workflow, max_retries=args.max_retries,
         convergence_rounds=args.convergence_rounds, seed=args.seed, value_provider=args.value_provider,
         selection=SelectionConfig(rule=args.selection, value_weight=args.value_weight), scoring=args.scoring,
+        validation_temperature=args.validation_temperature,
     )
     if args.cache_path:
         executor_cfg.cache_path = optimizer_cfg.cache_path = Path(args.cache_path)
@@ -199,29 +362,75 @@ async def _optimize(args: argparse.Namespace, executor_cfg: LLMConfig, optimizer
                               model=args.value_model or optimizer_cfg.model, api_key_env=optimizer_cfg.api_key_env)
         clients.append(LLMClient(value_cfg))
     try:
-        search = Search(config, clients[0], clients[1], clients[2] if len(clients) > 2 else None)
+        progress = sys.stderr.isatty() or not args.json  # a progress bar per evaluation, as `aflow evaluate`
+        search = Search(config, clients[0], clients[1], clients[2] if len(clients) > 2 else None, progress=progress)
         result = await search.run(resume=args.resume)
+        scores: dict[int, float] = {}
         if args.test:
-            scores = await test_best(search.tree, config.workspace, config.benchmark, clients[0],
-                                     config.data_dir, args.test_limit, config.concurrency, scoring=config.scoring)
+            limit = test_problem_limit(args)
+            top = min(3, len(search.tree.nodes))
+            print(f"aflow: testing the {top} best workflow(s) on {_test_size(args, limit)} "
+                  f"{config.benchmark} test problems each", file=sys.stderr, flush=True)
+            scores = await test_best(search.tree, config.workspace, config.benchmark, clients[0], config.data_dir,
+                                     limit, config.concurrency, top=top, scoring=config.scoring, progress=progress)
             result.test_score = scores.get(result.best_round)
-            results = search.workspace.read_results()
-            plot(results, config.workspace / "plot.png")
+        results = search.workspace.read_results()
+        if results.get("rounds"):  # report and plot after every search, with test scores when --test ran
             write_report(results, scores, config.workspace)
+            plot(results, config.workspace / "plot.png", scores)
         return asdict(result)
     finally:
         for client in clients:
             await client.close()
 
 
+def test_problem_limit(args: argparse.Namespace) -> int | None:
+    """Test problems per workflow of --test: --test-limit if given ('all': None), else --limit
+    (a search capped for cheapness must not silently run the whole test split), else all."""
+    if args.test_limit is not None:
+        return args.test_limit or None
+    return args.limit
+
+
+def _test_size(args: argparse.Namespace, limit: int | None) -> str:
+    if limit is None:
+        why = "--test-limit all" if args.test_limit == 0 else "no --limit or --test-limit"
+        return f"all ({why})"
+    return f"up to {limit} (--{'test-limit' if args.test_limit else 'limit'} {limit})"
+
+
+def optimize_arg_error(args: argparse.Namespace) -> str | None:
+    """A setting that would make the search meaningless or crash, as one line (exit 2)."""
+    if args.rounds < 1:
+        return f"--rounds must be ≥ 1 (got {args.rounds}): round 1 evaluates the initial workflow"
+    if args.validation_rounds < 1:
+        return (f"--validation-rounds must be ≥ 1 (got {args.validation_rounds}): with none, no workflow is "
+                "evaluated and every score would be a meaningless 0")
+    if args.limit is not None and args.limit < 1:
+        return f"--limit must be ≥ 1 (got {args.limit})"
+    if args.max_retries < 1:
+        return f"--max-retries must be ≥ 1 (got {args.max_retries})"
+    if args.validation_temperature < 0:
+        return f"--validation-temperature must be ≥ 0 (got {args.validation_temperature})"
+    if args.validation_rounds > 1 and args.validation_temperature == 0:
+        return ("--validation-temperature 0 makes validation runs 2.. repeat run 1's answers (std always 0): "
+                "use a temperature > 0, or --validation-rounds 1")
+    return None
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
+    problem = optimize_arg_error(args)
+    if problem:
+        print(f"aflow: error: {problem}", file=sys.stderr)
+        return 2
     with search_endpoints(args) as (executor_cfg, optimizer_cfg):
         result = asyncio.run(_optimize(args, executor_cfg, optimizer_cfg))
     test = f", test {result['test_score']:.4f}" if result.get("test_score") is not None else ""
+    cached = f" ({result['cached_calls']} answered from the cache)" if result.get("cached_calls") else ""
     print(f"{args.benchmark} ({args.scoring} scoring): {result['rounds_done']} rounds, "
           f"best round {result['best_round']} (validation {result['best_validation_score']:.4f}{test}), "
-          f"${result['total_cost_usd']:.4f}, {result['calls']} calls, {result['wall_s']:.1f}s; "
-          f"workspace {args.workspace}")
+          f"${result['total_cost_usd']:.4f}, {result['calls']} calls{cached}, {result['wall_s']:.1f}s; "
+          f"workspace {args.workspace} (report.md, plot.png)")
     if args.json:
         print(json.dumps(result))
     return 0

@@ -38,6 +38,17 @@ def gguf_path() -> Path:
     return path
 
 
+def check_port_free(port: int) -> None:
+    """One line instead of llama.cpp's bare exit status when something already listens on `port`."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server does: TIME_WAIT is no conflict
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise EmbeddedUnavailable(f"port {port} on 127.0.0.1 is in use ({exc.strerror}): "
+                                      "choose another --port or stop what listens there") from exc
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -77,6 +88,8 @@ class EmbeddedServer:
 def start(port: int | None = None, n_ctx: int = 4096, threads: int | None = None,
           parallel: int = 1, timeout: float = 120.0, log_path: str | None = None) -> EmbeddedServer:
     """Start the server on 127.0.0.1 and return once it answers /v1/models."""
+    if port:
+        check_port_free(port)
     try:
         import llama_cpp.server  # noqa: F401
     except ImportError as exc:
@@ -99,6 +112,7 @@ def start(port: int | None = None, n_ctx: int = 4096, threads: int | None = None
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
+            check_port_free(port)  # taken since the check above: say so
             raise EmbeddedUnavailable(f"the embedded executor exited at start-up (status {process.returncode})")
         try:
             with urllib.request.urlopen(f"{server.base_url}/models", timeout=2) as response:

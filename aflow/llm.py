@@ -188,8 +188,15 @@ class LLMClient:
         assert last is not None
         raise LLMCallError(f"{self.config.model} at {self.config.base_url}: {describe(last)}") from last
 
-    async def check(self, role: str = "executor") -> None:
-        """Fail fast with one line when the endpoint cannot be reached at all."""
+    async def check(self, role: str = "executor", chat: bool = False) -> None:
+        """Fail fast with one line when the endpoint cannot be reached at all; with `chat`, also
+        when it does not answer a real chat completion (a wrong URL, not an OpenAI-compatible /v1,
+        an unknown model, a server that fails every request)."""
+        await self._check_reachable(role)
+        if chat:
+            await self._check_chat(role)
+
+    async def _check_reachable(self, role: str) -> None:
         started = time.monotonic()
         try:
             await self._client.with_options(timeout=min(self.config.timeout, 30)).models.list()
@@ -204,6 +211,47 @@ class LLMClient:
             raise ExecutorError(
                 f"{role} {self.config.base_url} is not reachable ({describe(exc)}, {time.monotonic() - started:.1f}s)"
             ) from exc
+
+
+    async def _check_chat(self, role: str) -> None:
+        """One real chat completion (1 token, never cached, not counted in `usage`). Transient
+        failures (429, 500, 502-504, timeouts) are retried a few times; anything else, or a reply
+        that is not a chat completion, is a set-up error."""
+        where = f"{role} {self.config.base_url} (model {self.config.model})"
+        client = self._client.with_options(timeout=min(self.config.timeout, 30))
+        last: BaseException | None = None
+        tries = min(self.config.max_retries, 2) + 1
+        for attempt in range(tries):
+            if attempt:
+                await asyncio.sleep(min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1)))
+            try:
+                response = await client.chat.completions.create(
+                    model=self.config.model, messages=[{"role": "user", "content": "Reply with OK."}],
+                    max_tokens=1, temperature=0)
+            except openai.APIStatusError as exc:
+                if exc.status_code in (401, 403):
+                    raise ExecutorError(
+                        f"{where} rejected the API key from {self.config.key_env() or 'no variable (none sent)'}: "
+                        f"{' '.join(describe(exc).split())}") from exc
+                if exc.status_code in (429, 500, 502, 503, 504):
+                    last = exc
+                    continue
+                hint = " - is it an OpenAI-compatible base URL ending in /v1?" if exc.status_code in (404, 405, 501) else ""
+                raise ExecutorError(f"{where} refused a test chat completion: "
+                                    f"{' '.join(describe(exc).split())}{hint}") from exc
+            except Exception as exc:  # timeouts, dropped connections, a body that is not JSON
+                last = exc
+                continue
+            try:
+                if not isinstance(response.choices[0].message.content, (str, type(None))):
+                    raise TypeError("no message content")
+            except (AttributeError, IndexError, TypeError) as exc:
+                raise ExecutorError(f"{where} answered a test chat completion with something else than a "
+                                    "chat completion - is it an OpenAI-compatible base URL ending in /v1?") from exc
+            return
+        assert last is not None
+        raise ExecutorError(f"{where} failed a test chat completion {tries} times: "
+                            f"{' '.join(describe(last).split())}") from last
 
 
 class LLMCallError(RuntimeError):

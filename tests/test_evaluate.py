@@ -106,12 +106,13 @@ def test_setup_errors_exit_2_with_one_line(args, message):
     assert "Traceback" not in result.stderr
 
 
-def test_rejected_workflow_is_recorded_not_fatal(tmp_path, data_dir):
+def test_rejected_workflow_is_a_setup_error_before_the_executor(tmp_path, data_dir):
     bad = tmp_path / "wf"
     bad.mkdir()
     (bad / "graph.py").write_text("import os\nclass Workflow:\n    async def __call__(self, problem):\n        return os.getcwd()\n")
     result = aflow_cli("evaluate", "--benchmark", "gsm8k", "--workflow", str(bad), "--limit", "2",
                        "--data-dir", str(data_dir), "--executor-base-url", "http://127.0.0.1:9/v1",
                        "--executor-model", "x", "--out", str(tmp_path / "out"), "--json")
-    # The executor is unreachable: that is a set-up error and comes first.
-    assert result.returncode == 2 and "not reachable" in result.stderr
+    # Cheap checks come first: the workflow is rejected (once) before the unreachable executor is tried.
+    assert result.returncode == 2 and "is rejected" in result.stderr and "'os'" in result.stderr
+    assert "not reachable" not in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -15,6 +15,11 @@ import pytest
 
 from tests.fake_openai import FakeOpenAI
 
+REPO = Path(__file__).resolve().parents[1]
+# `aflow evaluate` sends one real chat completion at start-up (not counted in the summary): a URL
+# that does not answer one is a set-up error. It is the first chat request the server sees.
+PROBE = 1
+
 SUMMARY_KEYS = {"benchmark", "split", "n", "score", "errors", "calls", "prompt_tokens", "completion_tokens",
                 "cost_usd", "wall_s"}
 
@@ -50,6 +55,7 @@ def aflow_evaluate(tmp_path: Path, data_dir: Path, *args: str, base_url: str | N
                    timeout: float = 60) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("AFLOW_") and not k.endswith("_API_KEY")}
     env["XDG_CACHE_HOME"] = str(tmp_path / "xdg-cache")  # never the user's response cache
+    env["PYTHONPATH"] = str(REPO)  # this checkout's aflow, whatever is installed
     command = [sys.executable, "-m", "aflow.cli", "evaluate", "--benchmark", "gsm8k", "--split", "validate",
                "--workflow", "builtin:io", "--data-dir", str(data_dir), "--json", *args]
     if base_url is not None:
@@ -85,7 +91,7 @@ def assert_setup_error(result: subprocess.CompletedProcess, *fragments: str) -> 
 def test_injected_faults_are_retried_end_to_end(tmp_path, gsm8k):
     faults = ["429", "500", "stall", "bad_json"]
     rows = gsm8k_rows(gsm8k, 6)
-    with FakeOpenAI(reply=gold_reply(rows), faults=faults, stall_seconds=1.0, usage=(100, 10)) as fake:
+    with FakeOpenAI(reply=gold_reply(rows), faults=["ok", *faults], stall_seconds=1.0, usage=(100, 10)) as fake:
         result = aflow_evaluate(tmp_path, gsm8k.parent, "--limit", "6", "--no-cache", base_url=fake.base_url)
         count = fake.count
         seen = [r.fault for r in fake.chat_requests]
@@ -95,7 +101,7 @@ def test_injected_faults_are_retried_end_to_end(tmp_path, gsm8k):
     assert summary["score"] == 1.0  # every reply reached the right problem despite the faults
     # every fault cost one retried request: 6 answers + 4 faults
     assert sorted(filter(None, seen)) == sorted(faults)
-    assert count == summary["calls"] == 6 + len(faults)
+    assert count - PROBE == summary["calls"] == 6 + len(faults)
     assert (summary["prompt_tokens"], summary["completion_tokens"]) == (600, 60)
     assert summary["cost_usd"] == 0.0  # fake-model has no price
     assert summary["wall_s"] > 0
@@ -105,17 +111,17 @@ def test_injected_faults_are_retried_end_to_end(tmp_path, gsm8k):
     assert len(records) == 6
     assert {r["id"] for r in records} == {str(row["id"]) for row in rows}
     assert all(r["error"] is None and r["score"] == 1.0 for r in records)
-    assert sum(r["calls"] for r in records) == count
+    assert sum(r["calls"] for r in records) == count - PROBE
     assert json.loads((out / "summary.json").read_text()) == summary
 
 
 def test_dead_executor_fails_every_record_but_not_the_run(tmp_path, gsm8k):
-    with FakeOpenAI(default_fault="500") as fake:
+    with FakeOpenAI(faults=["ok"], default_fault="500") as fake:  # dies after the start-up probe
         result = aflow_evaluate(tmp_path, gsm8k.parent, "--limit", "6", "--no-cache", base_url=fake.base_url)
         count = fake.count
     summary = last_json(result)
     assert summary["n"] == 6 and summary["errors"] == 6 and summary["score"] == 0.0
-    assert count == summary["calls"] == 6 * 5  # the first try and 4 retries each
+    assert count - PROBE == summary["calls"] == 6 * 5  # the first try and 4 retries each
     records = read_results(tmp_path / "out")
     assert len(records) == 6
     for record in records:
@@ -133,8 +139,8 @@ def test_second_run_is_answered_from_the_cache(tmp_path, gsm8k):
                                           base_url=fake.base_url, out="second"))
         after_second = fake.count
     assert cache.is_file()
-    assert after_first == first["calls"] == 6 and first["cached_calls"] == 0
-    assert after_second == after_first  # no new chat request at all
+    assert after_first - PROBE == first["calls"] == 6 and first["cached_calls"] == 0
+    assert after_second == after_first + PROBE  # no new chat request but the start-up probe
     assert second["calls"] == 0 and second["cached_calls"] == 6
     assert second["score"] == first["score"] == 1.0
     assert (second["prompt_tokens"], second["completion_tokens"]) == (0, 0)
@@ -171,7 +177,7 @@ def test_malformed_line_is_one_failed_record(tmp_path, fake_openai, gsm8k):
     summary = last_json(result)
     assert summary["n"] == 4 and summary["errors"] == 1
     assert summary["score"] == pytest.approx(3 / 4)
-    assert fake_openai.count == summary["calls"] == 3  # the bad line never reached the executor
+    assert fake_openai.count - PROBE == summary["calls"] == 3  # the bad line never reached the executor
     records = read_results(tmp_path / "out")
     [bad] = [r for r in records if r["error"] is not None]
     assert "malformed" in bad["error"] and "line 2" in bad["error"]
@@ -188,5 +194,5 @@ def test_concurrency_bounds_the_executor_calls_in_flight(tmp_path, gsm8k):
         result = aflow_evaluate(tmp_path, gsm8k.parent, "--limit", "12", "--concurrency", "3", "--no-cache",
                                 base_url=fake.base_url)
         assert result.returncode == 0, result.stderr
-        assert fake.count == 12
+        assert fake.count == 12 + PROBE
         assert fake.max_in_flight == 3

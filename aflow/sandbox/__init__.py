@@ -177,6 +177,18 @@ class Sandbox:
                "operators": operators, "format": fmt, "dataset": dataset}
         return await self.run_job(job, limits, on_call)
 
+    async def load_workflow(self, graph: str, prompt: str, operators: list[str], fmt: str = "native",
+                            dataset: str = "", limits: Limits = WORKFLOW_LIMITS) -> SandboxResult:
+        """Load graph.py and prompt.py and construct `Workflow` as a run would, without calling it:
+        ok, or the error every problem would have met."""
+        job = {"mode": "workflow", "graph": graph, "prompt": prompt, "inputs": {"problem": ""},
+               "operators": operators, "format": fmt, "dataset": dataset, "load_only": True}
+
+        async def no_calls(op: str, kwargs: dict) -> Any:
+            raise RuntimeError("no operator call while loading")
+
+        return await self.run_job(job, limits, no_calls)
+
     @contextlib.asynccontextmanager
     async def session(self, job: dict, limits: Limits):
         """A long-lived sandbox process for `job` (see `Session`), confined like any job."""

@@ -577,6 +577,8 @@ def run_workflow(job, channel, loop):
             workflow = workflow_cls("workflow", None, job.get("dataset", ""))
         else:
             workflow = workflow_cls()
+        if job.get("load_only"):  # `aflow evaluate`'s start-up check: it loads and constructs, nothing runs
+            return None
         params = inspect.signature(workflow.__call__).parameters
         takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
         extra = {k: v for k, v in inputs.items() if takes_any or k in params}

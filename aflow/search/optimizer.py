@@ -6,6 +6,13 @@ UCB, optionally fused with a value provider), asks the optimizer model for one m
 `validation_rounds` times on the validation split, and records node, experience and files.
 It stops at `rounds`, or when the mean of the top 3 has not changed by more than
 `convergence_tolerance` for `convergence_rounds` rounds (AFlow's criterion).
+
+Repeated validation runs are independent samples: run 1 asks the executor at its own
+temperature (0 by default: the deterministic, cached answer `aflow evaluate` gets); runs 2..K
+sample at `validation_temperature` with a seed of their own (from --seed, the round and the
+run). Temperature and seed are request parameters, so they are part of the response-cache key:
+a repeat run is never answered with run 1's cached answer, yet re-running the same search
+(same seed) is reproducible and is answered from the cache.
 """
 
 from __future__ import annotations
@@ -48,12 +55,13 @@ class SearchConfig:
     value_provider: str = "none"  # none | empirical | model
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     scoring: str = "aflow"  # aflow.benchmarks.SCORING_VARIANTS; scores of different variants never mix
+    validation_temperature: float = 0.7  # executor temperature of validation runs 2..K (run 1: the executor's)
 
     def fingerprint(self) -> dict:
         return {"benchmark": self.benchmark, "validation_rounds": self.validation_rounds, "limit": self.limit,
                 "seed": self.seed, "selection": self.selection.rule, "value_provider": self.value_provider,
                 "value_weight": self.selection.value_weight, "initial_workflow": self.initial_workflow,
-                "scoring": self.scoring}
+                "scoring": self.scoring, "validation_temperature": self.validation_temperature}
 
 
 @dataclass
@@ -65,13 +73,39 @@ class SearchResult:
     calls: int
     wall_s: float
     converged: bool
+    cached_calls: int = 0  # answered from the response cache (not in `calls`)
     test_score: float | None = None
+
+
+class SampledExecutor:
+    """The executor asked at another temperature with a fixed seed (validation runs 2..K).
+    Both are request parameters, hence part of the response-cache key."""
+
+    def __init__(self, llm: LLMClient, temperature: float, seed: int):
+        self.llm, self.temperature, self.seed = llm, temperature, seed
+        self.config = llm.config
+
+    async def chat(self, messages, usage=None, **overrides):
+        return await self.llm.chat(messages, usage=usage, **{"temperature": self.temperature, "seed": self.seed,
+                                                            **overrides})
+
+    async def check(self, *args, **kwargs):
+        return await self.llm.check(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.llm, name)
+
+
+def validation_seed(seed: int, round_: int, run: int) -> int:
+    """Seed of validation run `run` (0-based, ≥ 1) of round `round_`: distinct per round and run."""
+    return (seed * 1_000_003 + round_ * 1_009 + run) % 2**31
 
 
 class Search:
     def __init__(self, config: SearchConfig, executor: LLMClient, optimizer: LLMClient,
-                 value_llm: LLMClient | None = None, log=None):
+                 value_llm: LLMClient | None = None, log=None, progress: bool = False):
         self.config = config
+        self.progress = progress  # a progress bar per validation run (stderr)
         self.executor = executor
         self.optimizer = optimizer
         self.workspace = Workspace(config.workspace)
@@ -79,6 +113,8 @@ class Search:
         self.tree = Tree()
         self.rng = np.random.RandomState(config.seed)
         self.history: list[float] = []  # mean of the top 3 after each round
+        self.rejected: dict[int, dict] = {}  # rounds whose expansions were all rejected: parent, reasons
+        self.round_info: dict[int, dict] = {}  # per round: status, wall seconds, calls/cost of the round
         self.usage = Usage()
         self.log = log or (lambda text: print(text, file=sys.stderr, flush=True))
         self.model_value = ModelValue(value_llm) if config.value_provider == "model" and value_llm else None
@@ -95,22 +131,36 @@ class Search:
         results = self.workspace.read_results()
         done = self.workspace.done_rounds()
         for number in done:
-            node, _ = self.workspace.load_round(number)
+            node, scores = self.workspace.load_round(number)
             if node:
                 node.visits = int(results.get("visits", {}).get(str(number), 0))
                 self.tree.add(node)
+            elif scores.get("status") == "rejected":
+                self.rejected[number] = {"round": number, "parent": scores.get("parent"),
+                                         "reasons": list(scores.get("reasons", []))}
+            if "round_usage" in scores:
+                self.round_info[number] = scores["round_usage"]
         self.history = list(results.get("top3_history", []))[: len(done)]
         totals = results.get("totals", {})
         self.usage = Usage(**{k: totals.get(k, 0) for k in asdict(Usage())})
-        if "rng_state" in results:
-            state = results["rng_state"]
+        state = self.workspace.read_rng_state() or results.get("rng_state")  # results.json: older workspaces
+        if state:
             self.rng.set_state((state[0], np.array(state[1], dtype=np.uint32), *state[2:]))
         if done:
-            self.log(f"resume: {len(done)} round(s) done, continuing at round {done[-1] + 1}")
+            if done[-1] >= self.config.rounds:
+                self.log(f"resume: the search is already finished ({done[-1]} of {self.config.rounds} rounds done); "
+                         f"nothing to run (pass a larger --rounds to continue it)")
+            elif self._converged():
+                self.log(f"resume: the search converged at round {done[-1]}; nothing to run "
+                         f"(the top-3 mean has not changed for {self.config.convergence_rounds} rounds)")
+            else:
+                self.log(f"resume: {len(done)} round(s) done, continuing at round {done[-1] + 1} "
+                         f"of {self.config.rounds}")
         return done[-1] if done else 0
 
     def _save(self, rounds_done: int, converged: bool) -> None:
         state = self.rng.get_state()
+        self.workspace.write_rng_state([state[0], state[1].tolist(), *state[2:]])
         best = self.tree.best() if self.tree.nodes else None
         self.workspace.write_results({
             "benchmark": self.config.benchmark,
@@ -120,10 +170,12 @@ class Search:
             "best_round": best.round if best else None,
             "best_validation_score": best.mean if best else None,
             "rounds": [n.summary() for n in sorted(self.tree.nodes.values(), key=lambda n: n.round)],
+            "rejected_rounds": [self.rejected[k] for k in sorted(self.rejected)],
+            "round_usage": {str(k): v for k, v in sorted(self.round_info.items())},
             "visits": {str(n.round): n.visits for n in self.tree.nodes.values()},
             "top3_history": self.history,
             "totals": asdict(self.usage),
-            "rng_state": [state[0], state[1].tolist(), *state[2:]],
+            "validation_temperature": self.config.validation_temperature,
         })
         self.workspace.write_experience(self.pool.export_jsonl())
 
@@ -132,15 +184,25 @@ class Search:
     async def _evaluate(self, number: int, graph: str, prompt: str) -> tuple[list[float], list[dict], Usage]:
         directory = self.workspace.write_workflow(number, graph, prompt)
         scores, records, spent = [], [], Usage()
-        for run in range(self.config.validation_rounds):
+        total = self.config.validation_rounds
+        for run in range(total):
             config = EvalConfig(benchmark=self.config.benchmark, split="validate", workflow=str(directory),
                                 limit=self.config.limit, concurrency=self.config.concurrency,
                                 data_dir=self.config.data_dir, scoring=self.config.scoring)
-            summary, run_records = await evaluate(config, self.executor, progress=False)
+            executor = self.executor
+            if run > 0:
+                executor = SampledExecutor(self.executor, self.config.validation_temperature,
+                                           validation_seed(self.config.seed, number, run))
+            started = time.monotonic()
+            summary, run_records = await evaluate(config, executor, progress=self.progress)
             if run_records and all(r.error for r in run_records):
                 await self.executor.check()  # a dead executor is a set-up error, not a score of 0
             scores.append(summary.score)
-            records += [{**asdict(r), "run": run} for r in run_records]
+            records += [{**asdict(r), "run": run, "temperature": self.config.validation_temperature if run else None,
+                         "seed": validation_seed(self.config.seed, number, run) if run else None} for r in run_records]
+            cached = f" ({summary.cached_calls} answered from the cache)" if summary.cached_calls else ""
+            self.log(f"round {number}: validation run {run + 1}/{total}: score {summary.score:.4f} on {summary.n} "
+                     f"problems, {summary.calls} calls{cached}, {time.monotonic() - started:.1f}s")
             spent.add(Usage(calls=summary.calls, cached=summary.cached_calls, prompt_tokens=summary.prompt_tokens,
                             completion_tokens=summary.completion_tokens, cost_usd=summary.cost_usd))
         return scores, records, spent
@@ -149,12 +211,14 @@ class Search:
 
     async def _initial_round(self) -> None:
         seed = load_workflow(self.config.initial_workflow)
+        self.log(f"round 1/{self.config.rounds}: evaluating the initial workflow {self.config.initial_workflow} "
+                 f"({self._plan()})")
         scores, records, spent = await self._evaluate(1, seed.graph, seed.prompt)
         node = Node(round=1, graph=seed.graph, prompt=seed.prompt, modification="initial workflow",
                     scores=scores, cost_usd=spent.cost_usd, calls=spent.calls)
         self.usage.add(spent)
         self.tree.add(node)
-        self.workspace.commit_round(node, 1, records, {"status": "evaluated"})
+        self.workspace.commit_round(node, 1, records, {"status": "evaluated", "round_usage": self._round_usage(1)})
 
     async def _expansion_round(self, number: int) -> None:
         if self.model_value:
@@ -162,6 +226,8 @@ class Search:
         value = self.model_value or (empirical(self.pool) if self.config.value_provider == "empirical" else None)
         parent, why = select(self.tree, self.config.selection, self.rng, value)
         parent.visits += 1
+        self.log(f"round {number}/{self.config.rounds}: asking the optimizer to modify round {parent.round} "
+                 f"(score {parent.mean:.4f}; {why['rule']} selection)")
         tried = {normalize_modification(e.modification) for e in self.pool.of_parent(parent.round)}
         prompt_text = optimizer_prompt(self.config.benchmark, parent.graph, parent.prompt, parent.mean,
                                        self.pool.of_parent(parent.round), self.workspace.failures(parent.round),
@@ -186,16 +252,51 @@ class Search:
             reasons.append(action.reason)
             self.log(f"round {number}: expansion {attempt}/{self.config.max_retries} rejected: {action.reason}")
         else:
+            self.rejected[number] = {"round": number, "parent": parent.round, "reasons": reasons}
             self.workspace.commit_round(None, number, [], {"status": "rejected", "parent": parent.round,
-                                                           "reasons": reasons})
+                                                           "reasons": reasons, "round_usage": self._round_usage(number)})
             return
+        self.log(f"round {number}: optimizer answer {attempt} accepted: {action.modification[:100]}; "
+                 f"evaluating it ({self._plan()})")
         scores, records, spent = await self._evaluate(number, action.workflow.graph, action.workflow.prompt)
         node = Node(round=number, graph=action.workflow.graph, prompt=action.workflow.prompt, parent=parent.round,
                     modification=action.modification, scores=scores, cost_usd=spent.cost_usd, calls=spent.calls)
         self.usage.add(spent)
         self.tree.add(node)
         self.pool.add(Experience(parent.round, number, action.modification, parent.mean, node.mean))
-        self.workspace.commit_round(node, number, records, {"status": "evaluated"})
+        self.workspace.commit_round(node, number, records, {"status": "evaluated",
+                                                            "round_usage": self._round_usage(number)})
+
+    def _plan(self) -> str:
+        runs = self.config.validation_rounds
+        problems = f"{self.config.limit} validation problems" if self.config.limit else "the whole validation split"
+        return f"{runs} validation run{'s' if runs != 1 else ''} on {problems}"
+
+    def _round_usage(self, number: int) -> dict:
+        """What this round spent (optimizer and executor): the totals since the round began."""
+        before = self._round_start_usage
+        info = {"wall_s": round(time.monotonic() - self._round_started, 3),
+                "calls": self.usage.calls - before.calls, "cached": self.usage.cached - before.cached,
+                "cost_usd": round(self.usage.cost_usd - before.cost_usd, 6)}
+        self.round_info[number] = info
+        return info
+
+    def _describe(self, number: int, best_before) -> str:
+        """One line on what round `number` did."""
+        node = self.tree.nodes.get(number)
+        if node is None:
+            reasons = self.rejected.get(number, {}).get("reasons", [])
+            parent = self.rejected.get(number, {}).get("parent")
+            return (f"rejected: no valid modification of round {parent} in {len(reasons)} optimizer answer(s)"
+                    + (f" (last: {reasons[-1][:160]})" if reasons else ""))
+        spread = f"{node.mean:.4f} ± {node.std:.4f}" if len(node.scores) > 1 else f"{node.mean:.4f}"
+        if node.parent is None:
+            return f"initial workflow scored {spread}"
+        parent = self.tree.nodes[node.parent]
+        delta = node.mean - parent.mean
+        verdict = ("new best" if best_before is None or node.mean > best_before.mean
+                   else f"not better than the best ({best_before.mean:.4f}, round {best_before.round})")
+        return (f"accepted (modified round {node.parent}): scored {spread}, {delta:+.4f} vs its parent; {verdict}")
 
     def _converged(self) -> bool:
         n = self.config.convergence_rounds
@@ -212,9 +313,12 @@ class Search:
         await self.optimizer.check("optimizer")
         last = self._restore(resume)
         converged = self._converged()
-        for number in range(last + 1, self.config.rounds + 1):
+        first = last + 1
+        for number in range(first, self.config.rounds + 1):
             if converged:
                 break
+            best_before = self.tree.best() if self.tree.nodes else None
+            self._round_started, self._round_start_usage = time.monotonic(), Usage(**asdict(self.usage))
             if number == 1:
                 await self._initial_round()
             else:
@@ -223,11 +327,27 @@ class Search:
             converged = self._converged()
             self._save(number, converged)
             best = self.tree.best()
-            node = self.tree.nodes.get(number)
-            status = f"score {node.mean:.4f} ± {node.std:.4f} (from round {node.parent})" if node else "no valid expansion"
-            self.log(f"round {number}/{self.config.rounds}: {status}; best {best.mean:.4f} at round {best.round}; "
-                     f"${self.usage.cost_usd:.4f}, {self.usage.calls} calls" + ("; converged" if converged else ""))
+            elapsed = time.monotonic() - started
+            left = self.config.rounds - number
+            eta = (f"about {_duration(elapsed / (number - first + 1) * left)} left for {left} more round(s)"
+                   if left and not converged else "done")
+            cached = f" (+{self.usage.cached} answered from the cache)" if self.usage.cached else ""
+            self.log(f"round {number}/{self.config.rounds}: {self._describe(number, best_before)}. "
+                     f"Best {best.mean:.4f} at round {best.round}; ${self.usage.cost_usd:.4f}, "
+                     f"{self.usage.calls} calls{cached} so far; {_duration(elapsed)} elapsed, {eta}"
+                     + ("; converged: the top-3 mean has not changed for "
+                        f"{self.config.convergence_rounds} rounds" if converged else ""))
         best = self.tree.best()
         return SearchResult(rounds_done=max(self.workspace.done_rounds(), default=0), best_round=best.round,
                             best_validation_score=best.mean, total_cost_usd=round(self.usage.cost_usd, 6),
-                            calls=self.usage.calls, wall_s=round(time.monotonic() - started, 3), converged=converged)
+                            calls=self.usage.calls, cached_calls=self.usage.cached,
+                            wall_s=round(time.monotonic() - started, 3), converged=converged)
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

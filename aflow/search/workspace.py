@@ -9,7 +9,8 @@ leaves completed rounds intact and `--resume` redoes at most the round in progre
       round_1/scores.json         scores, mean, std, parent, modification, cost: the commit mark
       expansions.jsonl            every optimizer answer, accepted or rejected, with the reason
       experience.sqlite           the experience pool (experience.jsonl: its export)
-      results.json                per-round summary, best round, totals, RNG state
+      results.json                per-round summary (evaluated and rejected rounds), best round, totals
+      rng_state.json              the selection RNG's state (for --resume)
 """
 
 from __future__ import annotations
@@ -59,8 +60,10 @@ class Workspace:
                 raise WorkspaceMismatch(f"{self.root} already holds a search: pass --resume, or use a new --workspace")
             saved = json.loads(path.read_text())
             keys = ("benchmark", "validation_rounds", "limit", "seed", "selection", "value_provider", "value_weight",
-                    "scoring")
+                    "scoring", "validation_temperature")
             saved.setdefault("scoring", "aflow")  # written before the variant existed: AFlow's rules
+            # written before repeats were sampled: its repeats were run 1's answers; not a reason to refuse
+            saved.setdefault("validation_temperature", config.get("validation_temperature"))
             different = [k for k in keys if saved.get(k) != config.get(k)]
             if different:
                 raise WorkspaceMismatch(f"--resume with different settings than the workspace: {', '.join(different)}")
@@ -116,6 +119,13 @@ class Workspace:
 
     def write_results(self, results: dict) -> None:
         atomic_write_json(self.root / "results.json", results)
+
+    def write_rng_state(self, state: list) -> None:
+        atomic_write_json(self.root / "rng_state.json", state)
+
+    def read_rng_state(self) -> list | None:
+        path = self.root / "rng_state.json"
+        return json.loads(path.read_text()) if path.is_file() else None
 
     def read_results(self) -> dict:
         path = self.root / "results.json"
