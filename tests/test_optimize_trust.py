@@ -25,7 +25,10 @@ def optimize(workspace, server, *extra, data_dir, json_line=True, limit="3", val
     return [sys.executable, "-m", "aflow.cli", "optimize", "--benchmark", "gsm8k", "--workspace", str(workspace),
             "--limit", limit, "--validation-rounds", validation_rounds, "--data-dir", str(data_dir),
             "--optimizer-base-url", server.base_url, "--optimizer-model", "opt",
-            "--executor-base-url", server.base_url, "--executor-model", "exe", *extra] + (["--json"] if json_line else [])
+            "--executor-base-url", server.base_url, "--executor-model", "exe",
+            # a cache of the test's own: another test of the session may have asked the same questions
+            "--cache-path", str(Path(workspace).parent / "llm-cache.sqlite"),
+            *extra] + (["--json"] if json_line else [])
 
 
 def run(args, timeout=300):
