@@ -86,3 +86,21 @@ def test_malformed_line_is_a_failed_problem(tmp_path):
     problems = get_benchmark("gsm8k").load("validate", tmp_path)
     assert [p.error is None for p in problems] == [True, False, False, False]
     assert all("malformed JSONL line" in p.error for p in problems[1:])
+
+
+@pytest.mark.parametrize("variant", ["aflow", "reward"])
+@pytest.mark.parametrize("benchmark,reference,hedges", [
+    ("gsm8k", {"answer": "36"}, ["36 or 35", "It is 36, or maybe 35.", "36 | 37", "Either 36 or 0", "36\n37"]),
+    ("math", {"solution": "So the answer is $\\boxed{7}$."},
+     ["\\boxed{7} or \\boxed{8}", "\\boxed{7}, \\boxed{8}", "\\boxed{7 \\text{ or } 8}", "\\boxed{7, 8}",
+      "The answer is 7 or 8.", "\\boxed{7} \\boxed{}"]),
+])
+def test_listing_several_answers_earns_nothing(benchmark, reference, hedges, variant):
+    """One answer is read (the last number, the last box): offering several never pays, while
+    the reference alone scores 1.0."""
+    bench = get_benchmark(benchmark)
+    gold = reference.get("answer") or reference["solution"]
+    problem = Problem(id="h", inputs={"problem": "?"}, reference=reference, gold=gold)
+    assert asyncio.run(bench.score(problem, gold, scoring=variant))[0] == 1.0
+    for hedge in hedges:
+        assert asyncio.run(bench.score(problem, hedge, scoring=variant))[0] == 0.0, hedge
