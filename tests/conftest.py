@@ -37,6 +37,15 @@ def data_dir(request) -> Path:
 
 
 @pytest.fixture
+def gsm8k(data_dir) -> Path:
+    """gsm8k_validate.jsonl from the data directory (`data_dir` skips without one)."""
+    path = data_dir / "gsm8k_validate.jsonl"
+    if not path.is_file():
+        pytest.skip(f"no {path}")
+    return path
+
+
+@pytest.fixture
 def fake_openai():
     """A started local OpenAI-compatible server (see tests/fake_openai.py); reconfigure it
     through its attributes and `add_faults`. Stopped, threads joined, after the test."""

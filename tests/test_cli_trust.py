@@ -23,14 +23,6 @@ from tests.fake_openai import FakeOpenAI
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def gsm8k(data_dir) -> Path:
-    path = data_dir / "gsm8k_validate.jsonl"
-    if not path.is_file():
-        pytest.skip(f"no {path}")
-    return path
-
-
 def rows_of(path: Path, n: int) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for _, line in zip(range(n), f, strict=False)]

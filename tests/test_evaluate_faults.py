@@ -24,15 +24,6 @@ SUMMARY_KEYS = {"benchmark", "split", "n", "score", "errors", "calls", "prompt_t
                 "cost_usd", "wall_s"}
 
 
-@pytest.fixture
-def gsm8k(data_dir) -> Path:
-    """gsm8k_validate.jsonl from the data directory (conftest's `data_dir` skips without one)."""
-    path = data_dir / "gsm8k_validate.jsonl"
-    if not path.is_file():
-        pytest.skip(f"no {path}")
-    return path
-
-
 def gsm8k_rows(path: Path, n: int) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for _, line in zip(range(n), f, strict=False)]
