@@ -398,15 +398,20 @@ _GUARD = threading.local()
 
 
 @contextlib.contextmanager
-def allow_string_code():
-    """Mark code compiled from a string, run inside this block, as validated by the caller.
-    In a confined worker every other eval/exec of string-compiled code is refused."""
-    depth = getattr(_GUARD, "depth", 0)
-    _GUARD.depth = depth + 1
+def marked(flag: threading.local):
+    """Raise `flag.depth` for this thread while the block runs (blocks nest)."""
+    depth = getattr(flag, "depth", 0)
+    flag.depth = depth + 1
     try:
         yield
     finally:
-        _GUARD.depth = depth
+        flag.depth = depth
+
+
+def allow_string_code():
+    """Mark code compiled from a string, run inside this block, as validated by the caller.
+    In a confined worker every other eval/exec of string-compiled code is refused."""
+    return marked(_GUARD)
 
 
 # What the audit hook refused, newest last (diagnostics: a legitimate answer that fails in a

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dis
 import math
 import os
@@ -269,14 +268,8 @@ _REFUSED_OPCODES = frozenset({"LOAD_ATTR", "LOAD_METHOD", "LOAD_SUPER_ATTR", "ST
                               "DELETE_NAME", "DELETE_GLOBAL", "STORE_FAST", "STORE_DEREF"})
 
 
-@contextlib.contextmanager
 def _untrusted_text():
-    depth = getattr(_UNTRUSTED, "depth", 0)
-    _UNTRUSTED.depth = depth + 1
-    try:
-        yield
-    finally:
-        _UNTRUSTED.depth = depth
+    return offload.marked(_UNTRUSTED)
 
 
 def _arithmetic_only(code, local_dict: dict | None = None) -> bool:
