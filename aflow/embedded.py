@@ -55,6 +55,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Runs the server module in a process that dies with the one that started it: a parent killed
+# by SIGKILL (an OOM kill, a test runner's timeout) cannot run `stop()`, and the server, in a
+# session of its own so that `stop()` reaches its whole group, would live on, holding a port and
+# a CPU. Linux delivers PR_SET_PDEATHSIG when the thread that forked the child exits; every caller
+# here starts it from a thread that lives as long as the server is needed. Elsewhere
+# (no prctl) the server only lacks this guard.
+_TIED_TO_PARENT = """
+import ctypes, os, runpy, signal, sys
+parent, module = int(sys.argv[1]), sys.argv[2]
+try:
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+except (AttributeError, OSError):
+    pass
+if os.getppid() != parent:  # the parent died before the guard was set
+    sys.exit(1)
+sys.argv = [module] + sys.argv[3:]
+runpy.run_module(module, run_name="__main__", alter_sys=True)
+"""
+
+
 @dataclass
 class EmbeddedServer:
     """A running llama.cpp server; use as a context manager or call stop()."""
@@ -100,7 +120,7 @@ def start(port: int | None = None, n_ctx: int = 4096, threads: int | None = None
     model = gguf_path()
     port = port or free_port()
     cmd = [
-        sys.executable, "-m", "llama_cpp.server",
+        sys.executable, "-c", _TIED_TO_PARENT, str(os.getpid()), "llama_cpp.server",
         "--model", str(model), "--model_alias", MODEL_NAME,
         "--host", "127.0.0.1", "--port", str(port),
         "--n_ctx", str(n_ctx), "--n_threads", str(threads or max(1, os.cpu_count() or 1)),

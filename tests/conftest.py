@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from aflow.embedded import free_port
 from tests.fake_openai import FakeOpenAI
 
 
@@ -78,3 +83,25 @@ def ray_cluster(_ray_session):
 
     yield _ray_session
     release_workers()
+
+
+@pytest.fixture
+def plain_http_server(tmp_path):
+    """`python3 -m http.server`: answers GET with files or 404, POST with 501."""
+    port = free_port()
+    (tmp_path / "www").mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
+                               cwd=tmp_path / "www", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "http.server did not start"
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)

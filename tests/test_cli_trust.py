@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from aflow.embedded import free_port
 from tests.fake_openai import FakeOpenAI
 
 REPO = Path(__file__).resolve().parents[1]
@@ -73,28 +72,6 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 # ---- 1. an endpoint that does not answer a chat completion ------------------------------
-
-@pytest.fixture
-def plain_http_server(tmp_path):
-    """`python3 -m http.server`: answers GET with files or 404, POST with 501."""
-    port = free_port()
-    (tmp_path / "www").mkdir()
-    process = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1"],
-                               cwd=tmp_path / "www", stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "http.server did not start"
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
-
 
 @pytest.mark.parametrize("suffix", ["/v1", ""])
 def test_a_server_that_is_not_openai_is_a_setup_error(tmp_path, gsm8k, plain_http_server, suffix):

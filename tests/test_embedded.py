@@ -5,6 +5,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 
 import pytest
@@ -35,3 +36,26 @@ def test_serve_executor_answers_and_stops_on_signal():
     assert code == 0
     with pytest.raises(OSError), socket.create_connection(("127.0.0.1", port), timeout=2):
         pass
+
+
+@pytest.mark.slow
+def test_the_server_dies_with_a_killed_parent():
+    """A parent killed by SIGKILL (OOM, a test runner's timeout) cannot stop the server it started;
+    the server must not live on, holding its port and a CPU."""
+    port = free_port()
+    process = subprocess.Popen([sys.executable, "-m", "aflow.cli", "serve-executor", "--port", str(port)],
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert process.stdout.readline().strip() == f"http://127.0.0.1:{port}/v1"
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    finally:
+        process.kill()
+        process.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        except OSError:
+            return
+        time.sleep(0.2)
+    pytest.fail(f"the embedded server still listens on {port} after its parent was killed")

@@ -111,6 +111,25 @@ def test_zero_rounds_is_one_line_exit_2(tmp_path, data_dir, flag, value, words):
     assert not workspace.exists()
 
 
+@pytest.mark.parametrize("role", ["executor", "optimizer"])
+def test_an_endpoint_that_is_not_openai_stops_the_search_at_start(tmp_path, data_dir, plain_http_server, role):
+    """Issue 12, point 1, for `optimize`: a URL that answers no chat completion is one line, exit 2,
+    before round 1 (the search used to score every workflow 0 against it)."""
+    workspace = tmp_path / "ws"
+    with FakeOpenAI() as server:
+        args = optimize(workspace, server, data_dir=data_dir, json_line=False)
+        flag = args.index(f"--{role}-base-url")
+        args[flag + 1] = plain_http_server + "/v1"
+        result = run(args, timeout=120)
+        calls = server.count
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("aflow: error")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert f"{role} {plain_http_server}/v1" in lines[0] and "test chat completion" in lines[0], lines[0]
+    assert calls <= 1  # at most the other role's own probe: no round ran
+    assert not (workspace / "results.json").exists() or "rounds" not in (workspace / "results.json").read_text()
+
+
 def test_every_round_says_what_it_did_and_resume_of_a_finished_run_does_nothing(tmp_path, data_dir):
     workspace = tmp_path / "ws"
     reply = reply_with(gold_answers(data_dir), optimizer_answers=[GARBAGE])  # round 2 rejected, round 3 accepted

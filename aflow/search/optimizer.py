@@ -309,8 +309,9 @@ class Search:
 
     async def run(self, resume: bool = False) -> SearchResult:
         started = time.monotonic()
-        await self.executor.check("executor")
-        await self.optimizer.check("optimizer")
+        # one real chat completion each: a URL that is not an OpenAI-compatible /v1 is a set-up error
+        await self.executor.check("executor", chat=True)
+        await self.optimizer.check("optimizer", chat=True)
         last = self._restore(resume)
         converged = self._converged()
         first = last + 1
