@@ -17,11 +17,12 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from aflow import embedded
+from aflow import embedded, user_config
 from aflow.benchmarks import BENCHMARKS, SCORING_VARIANTS, SPLITS, DataError, get_benchmark, resolve_data_dir
 from aflow.config import EvalConfig, LLMConfig
 from aflow.llm import ExecutorError, LLMClient
 from aflow.search.workspace import WorkspaceMismatch
+from aflow.tracking import Tracker, TrackingError, parse_loggers
 from aflow.workflows import GOLD, WorkflowCheckError, WorkflowNotFound, load_workflow
 
 
@@ -30,7 +31,7 @@ class SetupError(RuntimeError):
 
 
 SETUP_ERRORS = (DataError, ExecutorError, WorkflowNotFound, WorkspaceMismatch, embedded.EmbeddedUnavailable,
-                SetupError)
+                SetupError, user_config.UserConfigError, TrackingError)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -66,6 +67,23 @@ def _add_endpoint_args(parser: argparse.ArgumentParser, role: str) -> None:
                         help="variable holding the key (default: inferred from the host; none for local servers)")
 
 
+def loggers(text: str) -> tuple[str, ...]:
+    try:
+        return parse_loggers(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _add_run_args(parser: argparse.ArgumentParser, where: str) -> None:
+    """--config and --logger, shared by evaluate and optimize."""
+    parser.add_argument("--config", default=None,
+                        help="TOML file with [executor]/[optimizer]/[value] endpoints and data_dir (default: "
+                             "$AFLOW_CONFIG, else ~/.config/aflow/config.toml when it exists; see README)")
+    parser.add_argument("--logger", type=loggers, default=("console",),
+                        help=f"comma-separated, as verl's trainer.logger: console (default), tensorboard "
+                             f"(files in {where}/tensorboard or $TENSORBOARD_DIR), wandb")
+
+
 def _add_scoring_arg(parser: argparse.ArgumentParser) -> None:
     """The scoring variant is a named choice, recorded in every result, never implied."""
     parser.add_argument("--scoring", choices=SCORING_VARIANTS, default="aflow",
@@ -95,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="--out holds an earlier (e.g. interrupted) run: run only the problems it has no record for")
     again.add_argument("--overwrite", action="store_true", help="--out holds an earlier run: replace its results")
     ev.add_argument("--json", action="store_true", help="print the summary as one JSON line last")
+    _add_run_args(ev, "--out")
 
     op = sub.add_parser("optimize", help="AFlow search: evolve a workflow on a benchmark's validation split")
     op.add_argument("--benchmark", required=True, choices=sorted(BENCHMARKS), type=benchmark_name)
@@ -132,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="test problems per workflow for --test: a number, or 'all' for the whole split "
                          "(default: --limit, so a capped search stays cheap; gsm8k's test split has 1,055)")
     op.add_argument("--json", action="store_true", help="print the result as one JSON line last")
+    _add_run_args(op, "--workspace")
 
     serve = sub.add_parser("serve-executor", help="serve SmolLM2-135M over an OpenAI-compatible API on 127.0.0.1")
     serve.add_argument("--port", type=int, default=8848)
@@ -149,6 +169,33 @@ def _test_limit(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be ≥ 1 (or 'all'), got {value}")
     return value
+
+
+def apply_user_config(args: argparse.Namespace) -> None:
+    """Fill endpoints and the data directory the command line and environment left unset from the
+    config file (aflow.user_config), and say which came from it."""
+    config = user_config.load(args.config)
+    if config.path is None:
+        return
+    used = []
+    for role, table in config.endpoints.items():
+        if not hasattr(args, f"{role}_base_url") or getattr(args, f"{role}_base_url") or getattr(args, f"{role}_model"):
+            continue  # not a role of this command, or set on the command line / in the environment
+        setattr(args, f"{role}_base_url", table["base_url"])
+        setattr(args, f"{role}_model", table["model"])
+        if hasattr(args, f"{role}_api_key_env") and not getattr(args, f"{role}_api_key_env"):
+            setattr(args, f"{role}_api_key_env", table.get("api_key_env"))
+        used.append(role)
+    if config.data_dir and not args.data_dir and not os.environ.get("AFLOW_DATA_DIR"):
+        args.data_dir = config.data_dir
+        used.append("data_dir")
+    if used:
+        print(f"aflow: from {config.path}: {', '.join(used)}", file=sys.stderr, flush=True)
+
+
+def run_config(args: argparse.Namespace) -> dict:
+    """The run's settings for a logger's run page (plain values only; no key is ever among them)."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (str, int, float, bool)) or v is None}
 
 
 def executor_config(args: argparse.Namespace) -> LLMConfig:
@@ -290,8 +337,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     workflow = checked_workflow(args.workflow, args.benchmark)
     previous = prepare_out(out, args, {p.id for p in problems}) if out else None
     needs_llm = args.workflow != GOLD
-    with executor_endpoint(args, needed=needs_llm) as endpoint:
+    name = f"evaluate-{args.benchmark}-{args.split}-{Path(args.workflow).name or args.workflow}"
+    with Tracker(args.logger, out, "aflow", name, run_config(args)) as tracker, \
+            executor_endpoint(args, needed=needs_llm) as endpoint:
         summary, _ = asyncio.run(_evaluate(args, endpoint if needs_llm else None, problems, workflow, previous))
+        tracker.log({f"evaluate/{k}": getattr(summary, k) for k in
+                     ("score", "errors", "calls", "cost_usd", "prompt_tokens", "completion_tokens", "wall_s")},
+                    step=summary.n)
         return report_evaluation(args, summary, out)  # before the embedded server is stopped: no wait
 
 
@@ -341,7 +393,8 @@ def search_endpoints(args: argparse.Namespace):
         yield executor, optimizer
 
 
-async def _optimize(args: argparse.Namespace, executor_cfg: LLMConfig, optimizer_cfg: LLMConfig) -> dict:
+async def _optimize(args: argparse.Namespace, executor_cfg: LLMConfig, optimizer_cfg: LLMConfig,
+                    tracker: Tracker) -> dict:
     from aflow.search.optimizer import Search, SearchConfig
     from aflow.search.report import plot, test_best, write_report
     from aflow.search.selection import SelectionConfig
@@ -363,7 +416,8 @@ async def _optimize(args: argparse.Namespace, executor_cfg: LLMConfig, optimizer
         clients.append(LLMClient(value_cfg))
     try:
         progress = sys.stderr.isatty() or not args.json  # a progress bar per evaluation, as `aflow evaluate`
-        search = Search(config, clients[0], clients[1], clients[2] if len(clients) > 2 else None, progress=progress)
+        search = Search(config, clients[0], clients[1], clients[2] if len(clients) > 2 else None, progress=progress,
+                        on_round=lambda number, metrics: tracker.log(metrics, step=number))
         result = await search.run(resume=args.resume)
         scores: dict[int, float] = {}
         if args.test:
@@ -374,6 +428,8 @@ async def _optimize(args: argparse.Namespace, executor_cfg: LLMConfig, optimizer
             scores = await test_best(search.tree, config.workspace, config.benchmark, clients[0], config.data_dir,
                                      limit, config.concurrency, top=top, scoring=config.scoring, progress=progress)
             result.test_score = scores.get(result.best_round)
+            tracker.log({f"test/score_round_{r}": v for r, v in scores.items()}
+                        | {"test/best_round_score": result.test_score}, step=result.rounds_done)
         results = search.workspace.read_results()
         if results.get("rounds"):  # report and plot after every search, with test scores when --test ran
             write_report(results, scores, config.workspace)
@@ -423,8 +479,10 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     if problem:
         print(f"aflow: error: {problem}", file=sys.stderr)
         return 2
-    with search_endpoints(args) as (executor_cfg, optimizer_cfg):
-        result = asyncio.run(_optimize(args, executor_cfg, optimizer_cfg))
+    workspace = Path(args.workspace)
+    with Tracker(args.logger, workspace, "aflow", f"optimize-{args.benchmark}-{workspace.name}", run_config(args),
+                 jsonl=True) as tracker, search_endpoints(args) as (executor_cfg, optimizer_cfg):
+        result = asyncio.run(_optimize(args, executor_cfg, optimizer_cfg, tracker))
     test = f", test {result['test_score']:.4f}" if result.get("test_score") is not None else ""
     cached = f" ({result['cached_calls']} answered from the cache)" if result.get("cached_calls") else ""
     print(f"{args.benchmark} ({args.scoring} scoring): {result['rounds_done']} rounds, "
@@ -456,6 +514,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command in ("evaluate", "optimize"):
+            apply_user_config(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
         if args.command == "optimize":

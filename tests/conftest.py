@@ -20,13 +20,16 @@ def private_response_cache(tmp_path_factory):
     """Executor responses are cached under $XDG_CACHE_HOME/aflow: tests get a cache of their own,
     so a reply cached by one test (or by a user's runs) never stands in for a request another
     test expects to reach its server. The converted policy model stays in the user's cache."""
-    saved = os.environ.get("XDG_CACHE_HOME")
+    saved = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME")}
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+    # and no user config file (~/.config/aflow/config.toml) reaches a test's `aflow` command
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
     yield
-    if saved is None:
-        os.environ.pop("XDG_CACHE_HOME", None)
-    else:
-        os.environ["XDG_CACHE_HOME"] = saved
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 def pytest_addoption(parser):

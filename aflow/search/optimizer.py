@@ -103,8 +103,9 @@ def validation_seed(seed: int, round_: int, run: int) -> int:
 
 class Search:
     def __init__(self, config: SearchConfig, executor: LLMClient, optimizer: LLMClient,
-                 value_llm: LLMClient | None = None, log=None, progress: bool = False):
+                 value_llm: LLMClient | None = None, log=None, progress: bool = False, on_round=None):
         self.config = config
+        self.on_round = on_round  # called with (round, metrics) after each round is saved (aflow.tracking)
         self.progress = progress  # a progress bar per validation run (stderr)
         self.executor = executor
         self.optimizer = optimizer
@@ -298,6 +299,19 @@ class Search:
                    else f"not better than the best ({best_before.mean:.4f}, round {best_before.round})")
         return (f"accepted (modified round {node.parent}): scored {spread}, {delta:+.4f} vs its parent; {verdict}")
 
+    def round_metrics(self, number: int) -> dict[str, float]:
+        """What a logger plots per round: the round's score (absent when it was rejected), the
+        tree's best so far, the top-3 mean AFlow's convergence test watches, and the spend."""
+        node = self.tree.nodes.get(number)
+        info = self.round_info.get(number, {})
+        metrics = {"search/accepted": node is not None, "search/best_score": self.tree.best().mean,
+                   "search/top3_mean": self.history[-1] if self.history else None,
+                   "search/cost_usd": self.usage.cost_usd, "search/calls": self.usage.calls,
+                   "search/round_seconds": info.get("wall_s")}
+        if node is not None:
+            metrics.update({"search/round_score": node.mean, "search/round_std": node.std})
+        return metrics
+
     def _converged(self) -> bool:
         n = self.config.convergence_rounds
         if n <= 0 or len(self.history) <= n:
@@ -338,6 +352,8 @@ class Search:
                      f"{self.usage.calls} calls{cached} so far; {_duration(elapsed)} elapsed, {eta}"
                      + ("; converged: the top-3 mean has not changed for "
                         f"{self.config.convergence_rounds} rounds" if converged else ""))
+            if self.on_round:
+                self.on_round(number, self.round_metrics(number))
         best = self.tree.best()
         return SearchResult(rounds_done=max(self.workspace.done_rounds(), default=0), best_round=best.round,
                             best_validation_score=best.mean, total_cost_usd=round(self.usage.cost_usd, 6),
