@@ -1,4 +1,4 @@
-"""`aflow` command line: evaluate a workflow, serve the embedded executor.
+"""`aflow` command line: evaluate a workflow, search for one, fetch the data, serve the embedded executor.
 
 Set-up errors (missing data, unknown benchmark, no executor) print one line and exit 2;
 everything that goes wrong per problem is recorded in the results instead.
@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
-from aflow import embedded, user_config
+from aflow import data, embedded, user_config
 from aflow.benchmarks import BENCHMARKS, SCORING_VARIANTS, SPLITS, DataError, get_benchmark, resolve_data_dir
 from aflow.config import EvalConfig, LLMConfig
 from aflow.llm import ExecutorError, LLMClient
@@ -31,7 +31,7 @@ class SetupError(RuntimeError):
 
 
 SETUP_ERRORS = (DataError, ExecutorError, WorkflowNotFound, WorkspaceMismatch, embedded.EmbeddedUnavailable,
-                SetupError, user_config.UserConfigError, TrackingError)
+                SetupError, user_config.UserConfigError, TrackingError, data.FetchError)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -152,6 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: --limit, so a capped search stays cheap; gsm8k's test split has 1,055)")
     op.add_argument("--json", action="store_true", help="print the result as one JSON line last")
     _add_run_args(op, "--workspace")
+
+    dat = sub.add_parser("data", help="fetch AFlow's benchmark split files, or check a data directory")
+    dsub = dat.add_subparsers(dest="data_command", required=True, metavar="{status,fetch}")
+    st = dsub.add_parser("status", help="one line per expected file: present (rows), missing, or differing")
+    st.add_argument("--data-dir", default=None, help="AFlow JSONL directory (default: $AFLOW_DATA_DIR)")
+    fe = dsub.add_parser("fetch", help=f"download AFlow's {data.ARCHIVE_NAME} (or read a copy) and extract "
+                                       "the split files")
+    fe.add_argument("--data-dir", default=None,
+                    help="where the files go (default: $AFLOW_DATA_DIR, else $XDG_DATA_HOME/aflow/data)")
+    source = fe.add_mutually_exclusive_group()
+    source.add_argument("--url", default=None, help=f"where to download the archive (default: AFlow's, {data.ARCHIVE_URL})")
+    source.add_argument("--archive", default=None,
+                        help=f"a local copy of {data.ARCHIVE_NAME} (no network): for machines without internet")
+    fe.add_argument("--overwrite", action="store_true", help="replace files already in the data directory")
+    fe.add_argument("--max-mb", type=positive_int, default=data.DEFAULT_MAX_MB,
+                    help=f"size cap on the download and on what is unpacked (default {data.DEFAULT_MAX_MB})")
 
     serve = sub.add_parser("serve-executor", help="serve SmolLM2-135M over an OpenAI-compatible API on 127.0.0.1")
     serve.add_argument("--port", type=int, default=8848)
@@ -494,6 +510,68 @@ def cmd_optimize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace) -> int:
+    """`aflow data status|fetch`: exit 0 when every required file is present, 1 when some are
+    missing (a differing file is a warning), 2 on a set-up error."""
+    if args.data_command == "status":
+        return cmd_data_status(args)
+    return cmd_data_fetch(args)
+
+
+def cmd_data_status(args: argparse.Namespace) -> int:
+    data_dir = resolve_data_dir(args.data_dir)
+    if data_dir is None:
+        default = data.default_data_dir()
+        hint = (f"; {default} holds data fetched earlier: export AFLOW_DATA_DIR={default}" if default.is_dir()
+                else f"; `aflow data fetch` puts the files in {default}")
+        raise SetupError(f"no data directory: pass --data-dir DIR or set AFLOW_DATA_DIR{hint}")
+    if data_dir.exists() and not data_dir.is_dir():
+        raise SetupError(f"the data directory {data_dir} is a file, not a directory")
+    states = data.status(data_dir)
+    return report_data(data_dir, states, heading=f"{data_dir}:")
+
+
+def report_data(data_dir: Path, states: list, heading: str, actions: dict[str, str] | None = None) -> int:
+    """The table `status` and `fetch` print (with what fetch did to each file), then one summary line."""
+    print(heading)
+    width = max(len(s.name) for s in states)
+    for s in states:
+        action = f"{actions.get(s.name, '-'):<6}  " if actions is not None else ""
+        print(f"  {s.name:<{width}}  {action}{s.describe()}")
+    missing = [s.name for s in states if s.state == "missing" and s.required]
+    differs = [s.name for s in states if s.state == "differs"]
+    present = sum(1 for s in states if s.required and s.state != "missing")
+    line = f"{present} of {len(data.REQUIRED)} required files present"
+    if differs:
+        line += (f"; warning: {', '.join(differs)} {'differs' if len(differs) == 1 else 'differ'} from the split "
+                 "this project was checked against (scores may not compare with the published ones)")
+    if missing:
+        line += f"; missing: {', '.join(missing)} (get them with `aflow data fetch --data-dir {data_dir}`)"
+    print(line)
+    return 1 if missing else 0
+
+
+def cmd_data_fetch(args: argparse.Namespace) -> int:
+    data_dir = resolve_data_dir(args.data_dir)
+    chosen = data_dir is None
+    if chosen:
+        data_dir = data.default_data_dir()
+        print(f"aflow: no --data-dir or AFLOW_DATA_DIR: using {data_dir}")
+    report = data.fetch(data_dir, url=args.url, archive=Path(args.archive).expanduser() if args.archive else None,
+                        overwrite=args.overwrite, max_mb=args.max_mb)
+    for note in report.notes:
+        print(f"aflow: {note}", file=sys.stderr)
+    actions = {s.name: "wrote" for s in report.written} | dict.fromkeys(report.kept, "kept")
+    code = report_data(data_dir, data.status(data_dir), heading=f"{data_dir} (wrote: from the archive; kept: "
+                       "already there, not replaced):", actions=actions)
+    if report.kept:
+        print(f"kept {len(report.kept)} files already in {data_dir}: pass --overwrite to replace them with the "
+              "archive's")
+    if chosen or resolve_data_dir(None) != data_dir:
+        print(f"to use it: export AFLOW_DATA_DIR={data_dir}  (or pass --data-dir {data_dir})")
+    return code
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     server = embedded.start(port=args.port)
     print(server.base_url, flush=True)
@@ -520,6 +598,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_evaluate(args)
         if args.command == "optimize":
             return cmd_optimize(args)
+        if args.command == "data":
+            return cmd_data(args)
         return cmd_serve(args)
     except SETUP_ERRORS as exc:
         print(f"aflow: error: {exc}", file=sys.stderr)
