@@ -16,6 +16,13 @@ Workflow-GiGPO (`algorithm.adv_estimator=workflow_gigpo`)
       torch.std (unbiased, n-1), the same estimator verl's GRPO uses for the episode part. A group of one
       turn gets step_adv = 0 (nothing to compare with; the std of one value is undefined).
       With `norm_adv_by_std_in_grpo=False` (Dr.GRPO) neither part is divided by its std.
+      Normalisation is per step group over the turns' returns, each turn counted once (the paper's Eq. 3);
+      verl-agent's default implementation normalises across step *rows* instead, which weighs a turn by
+      how many rows repeat it. At equal inputs the two agree whenever every turn is its own row.
+    * An invalid action is penalised at its own step: G_t - step_penalties[t], after discounting (as the
+      reference implementation, verl-agent, subtracts its invalid-action penalty). Without it an invalid
+      answer at a workflow where valid edits lowered the score (step reward 0 > -0.05) would get a
+      *positive* step advantage cancelling the episode's format penalty.
     * The tokens of turn t (its [start, end) span of the response, times response_mask) get
       episode_adv + w * step_adv; response tokens outside every span get episode_adv alone.
     * `returns` equals `advantages`, as for verl's GRPO (there is no critic).
@@ -28,6 +35,7 @@ a `non_tensor_batch` column, an object array with one entry per episode):
                                     sorted, non-overlapping; ends beyond the (truncated) response are clipped
     anchors:      list[str]         one per turn: hash of the normalized workflow the turn acted on
     step_rewards: list[float]       one per turn
+    step_penalties: list[float]     optional; one per turn: the format penalty of an invalid action, else 0
 A row where all three are None (or empty) has no turns: its tokens get the episode advantage only.
 
 verl hands registered estimators only rewards, mask, index and config, so the per-turn data cannot reach
@@ -56,6 +64,7 @@ from agent_system.config import EnvConfig, GiGPOConfig
 
 WORKFLOW_GIGPO = "workflow_gigpo"
 TURN_FIELDS = ("turn_spans", "anchors", "step_rewards")
+PENALTY_FIELD = "step_penalties"  # optional: absent means no per-step penalty
 
 _OWN_MARK = "_aflow_workflow_gigpo"  # set on the functions this module puts into verl
 
@@ -125,15 +134,23 @@ def step_advantages(
     gamma: float,
     epsilon: float = 1e-6,
     norm_by_std: bool = True,
+    step_penalties: Sequence[Sequence[float] | None] | None = None,
 ) -> list[list[float]]:
-    """Per row, per turn: (G_t - mean) / (std + epsilon) over the turns with the same (uid, anchor).
+    """Per row, per turn: (G_t - mean) / (std + epsilon) over the turns with the same (uid, anchor),
+    where G_t is the discounted return minus the turn's own penalty (`step_penalties`, after discounting).
 
     std is torch.std (unbiased), as in verl's GRPO; groups of one turn get 0.
     """
     groups: dict[tuple[Any, str], list[tuple[int, int, float]]] = defaultdict(list)
     result: list[list[float]] = []
-    for i, (uid, row_anchors, row_rewards) in enumerate(zip(index, anchors, step_rewards, strict=True)):
+    penalties = step_penalties if step_penalties is not None else [None] * len(index)
+    for i, (uid, row_anchors, row_rewards, row_penalties) in enumerate(
+            zip(index, anchors, step_rewards, penalties, strict=True)):
         returns = discounted_returns(row_rewards, gamma)
+        if row_penalties is not None and len(row_penalties):
+            if len(row_penalties) != len(returns):
+                raise ValueError(f"row {i}: {len(row_penalties)} step_penalties for {len(returns)} turns")
+            returns = [g - float(p) for g, p in zip(returns, row_penalties, strict=True)]
         result.append([0.0] * len(returns))
         for t, (anchor, g) in enumerate(zip(row_anchors, returns, strict=True)):
             groups[(uid, anchor)].append((i, t, g))
@@ -160,6 +177,7 @@ def compute_workflow_gigpo_advantage(
     gamma: float = GiGPOConfig.gamma,
     epsilon: float = GiGPOConfig.epsilon,
     norm_adv_by_std_in_grpo: bool = True,
+    step_penalties: Sequence | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Workflow-GiGPO advantages (see the module docstring): (advantages, returns), each (bs, response_length).
 
@@ -188,6 +206,7 @@ def compute_workflow_gigpo_advantage(
         gamma=gamma,
         epsilon=epsilon,
         norm_by_std=norm_adv_by_std_in_grpo,
+        step_penalties=[None if step_penalties is None else step_penalties[i] for i in range(batch_size)],
     )
 
     advantages = episode_adv.clone()
@@ -223,6 +242,7 @@ def compute_workflow_gigpo_from_data(data, gigpo: GiGPOConfig, norm_adv_by_std_i
         gamma=gigpo.gamma,
         epsilon=gigpo.epsilon,
         norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo,
+        step_penalties=non_tensor.get(PENALTY_FIELD),
     )
     batch["advantages"] = advantages
     batch["returns"] = returns

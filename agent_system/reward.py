@@ -35,6 +35,12 @@ def operators_used(graph: str) -> set[str]:
     return names & set(OPERATOR_NAMES)
 
 
+def step_penalty(info: dict, cfg: RewardConfig) -> float:
+    """The penalty of one turn, charged at its own step by workflow-GiGPO (agent_system.advantage):
+    the same format penalty the episode return carries for each invalid action."""
+    return 0.0 if info.get("valid") else float(cfg.format_penalty)
+
+
 def episode_reward(summary: dict, cfg: RewardConfig) -> tuple[float, dict[str, float]]:
     """(total reward, its components) for one finished episode summary (see worker.outcome_summary)."""
     turns = summary.get("turns", [])

@@ -122,7 +122,8 @@ def collate(outputs: list, uids: list[str]) -> dict[str, Any]:
         valid = mask[i].nonzero()
         pos = int(valid[-1]) if len(valid) else int(last[i])
         token_level_rewards[i, pos] = scores[i]
-    extra = {k: [(o.extra_fields or {}).get(k) for o in outputs] for k in ("turn_spans", "anchors", "step_rewards")}
+    extra = {k: [(o.extra_fields or {}).get(k) for o in outputs] for k in ("turn_spans", "anchors", "step_rewards",
+                                                                       "step_penalties")}
     return {"prompts": [list(o.prompt_ids) for o in outputs], "responses": responses, "response_mask": mask,
             "rollout_log_probs": rollout_lp if has_lp else None, "scores": scores,
             "token_level_rewards": token_level_rewards, "uid": np.asarray(uids, dtype=object), **extra}
@@ -344,7 +345,7 @@ class LocalTrainer:
             adv, _ = compute_workflow_gigpo_advantage(
                 batch["token_level_rewards"], batch["response_mask"], batch["uid"], batch["turn_spans"],
                 batch["anchors"], batch["step_rewards"], step_advantage_w=g.step_advantage_w, gamma=g.gamma,
-                epsilon=g.epsilon, norm_adv_by_std_in_grpo=norm)
+                epsilon=g.epsilon, norm_adv_by_std_in_grpo=norm, step_penalties=batch["step_penalties"])
         else:
             raise ValueError(f"the local trainer supports adv_estimator grpo and workflow_gigpo, not {estimator!r}")
         return adv

@@ -121,6 +121,36 @@ def test_gigpo_hand_worked():
     assert torch.equal(returns, advantages)
 
 
+def test_an_invalid_action_gets_a_negative_step_advantage_at_a_workflow_where_edits_lost():
+    """Issue 13, defect 8: one uid, one anchor; a valid turn whose edit lowered the score by 0.05 and
+    an invalid one. Without a step-level penalty the invalid turn's step return (0) beats the valid
+    one's (-0.05): step parts -0.707 / +0.707, and with the episode parts (-0.05 vs -0.1 format
+    penalty: +0.707 / -0.707) the totals were 0 / 0. The penalty, charged at its own step after
+    discounting (as verl-agent), makes the invalid turn the worse one at both levels."""
+    from agent_system.config import RewardConfig
+    from agent_system.reward import step_penalty
+
+    penalty = RewardConfig().format_penalty
+    mask = torch.ones(2, 4)
+    rewards = torch.zeros(2, 4)
+    rewards[0, -1], rewards[1, -1] = -0.05, -penalty  # episode returns: the edit's loss, the format penalty
+    spans, anchors, step_rewards = [[[0, 4]], [[0, 4]]], [["a"], ["a"]], [[-0.05], [0.0]]
+    penalties = [[step_penalty({"valid": True}, RewardConfig())], [step_penalty({"valid": False}, RewardConfig())]]
+    assert penalties == [[0.0], [penalty]]
+    uid = np.array(["u", "u"], dtype=object)
+
+    before, _ = compute_workflow_gigpo_advantage(rewards, mask, uid, spans, anchors, step_rewards,
+                                                 step_advantage_w=1.0, gamma=0.95, epsilon=EPS)
+    assert before[0, 0].item() == pytest.approx(0.0, abs=1e-4)  # the defect, as the review found it
+    assert before[1, 0].item() == pytest.approx(0.0, abs=1e-4)
+
+    after, _ = compute_workflow_gigpo_advantage(rewards, mask, uid, spans, anchors, step_rewards,
+                                                step_advantage_w=1.0, gamma=0.95, epsilon=EPS,
+                                                step_penalties=penalties)
+    assert after[0, 0].item() == pytest.approx(2 * 0.7071, abs=1e-3)  # valid: better episode, better step
+    assert after[1, 0].item() == pytest.approx(-2 * 0.7071, abs=1e-3)
+
+
 def test_gigpo_groups_by_uid_and_rows_without_turns():
     # Same anchor "A" under two different uids: two singleton step groups, so step advantage 0 everywhere and
     # the result is plain GRPO. A row with no per-turn data (None) gets its episode advantage only.

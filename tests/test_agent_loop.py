@@ -112,6 +112,7 @@ def test_episode_masks_rewards_and_turns(ray_cluster, embedded_executor, data_di
     assert extra["anchors"][0] == extra["anchors"][1]  # the invalid turn did not move the state
     assert out.reward_score == pytest.approx(sum(extra["step_rewards"]) - 0.1)
     assert extra["reward_components"]["format"] == pytest.approx(-0.1)
+    assert extra["step_penalties"] == [pytest.approx(0.1), 0.0]  # charged at the invalid turn (GiGPO)
     assert out.num_turns == 4  # user, assistant, user (environment), assistant
 
 

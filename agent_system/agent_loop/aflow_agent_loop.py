@@ -22,7 +22,7 @@ from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetr
 from agent_system.config import EnvConfig
 from agent_system.environments.env_package.aflow.manager import AFlowEnvironmentManager
 from agent_system.environments.env_package.aflow.worker import forget_worker, route, worker_handle
-from agent_system.reward import episode_reward, operators_used
+from agent_system.reward import episode_reward, operators_used, step_penalty
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class AFlowAgentLoop(AgentLoopBase):
         prompt_ids = await self.ct_build_initial_tokens(messages)
         response_mask: list[int] = []
         logprobs: list[float] = []
-        spans, anchors, step_rewards = [], [], []
+        spans, anchors, step_rewards, penalties = [], [], [], []
         generate_s = env_s = 0.0
         for _ in range(self.env_cfg.max_turns):
             t0 = time.monotonic()
@@ -90,11 +90,13 @@ class AFlowAgentLoop(AgentLoopBase):
                 failed = f"step failed: {_reason(exc)}"
                 anchors.append("")
                 step_rewards.append(0.0)
+                penalties.append(0.0)
                 break
             finally:
                 env_s += time.monotonic() - t0
             anchors.append(step["info"]["anchor"])
             step_rewards.append(float(step["reward"]))
+            penalties.append(step_penalty(step["info"], self.env_cfg.reward))
             manager.record(text, step["reward"], step["info"])
             if step["done"] or len(response_mask) >= self.response_length:
                 break
@@ -131,6 +133,7 @@ class AFlowAgentLoop(AgentLoopBase):
                 "turn_spans": [[a, min(b, self.response_length)] for a, b in spans if a < self.response_length],
                 "anchors": anchors[: len(spans)],
                 "step_rewards": step_rewards[: len(spans)],
+                "step_penalties": penalties[: len(spans)],
                 "episode_failed": failed or "",
                 "reward_components": components,
                 "final_operators": sorted(operators_used(summary.get("final_graph", ""))),
@@ -148,7 +151,8 @@ class AFlowAgentLoop(AgentLoopBase):
         return AgentLoopOutput(
             prompt_ids=prompt_ids[-self.rollout_config.prompt_length:], response_ids=[filler], response_mask=[0],
             reward_score=0.0, num_turns=1, metrics=AgentLoopMetrics(),
-            extra_fields={"turn_spans": [], "anchors": [], "step_rewards": [], "episode_failed": reason,
+            extra_fields={"turn_spans": [], "anchors": [], "step_rewards": [], "step_penalties": [],
+                          "episode_failed": reason,
                           "reward_components": {"return": 0.0}, "final_operators": [], "episode_seconds": 0.0},
         )
 
