@@ -80,7 +80,22 @@ def local_resources() -> dict[str, Any]:
             gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         except Exception:
             gpus = 0
-    return {"source": "local machine", "cpus": _num(cpus), "gpus": _num(gpus), "node_gpus": [_num(gpus)]}
+    info = {"source": "local machine", "cpus": _num(cpus), "gpus": _num(gpus), "node_gpus": [_num(gpus)]}
+    memory = local_gpu_memory_gb() if gpus else None
+    if memory:
+        info["gpu_memory_gb"] = memory
+    return info
+
+
+def local_gpu_memory_gb() -> float | None:
+    """The smallest local GPU's memory (nvidia-smi), the one a plan must fit."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout
+        sizes = [float(line) / 1024 for line in out.split() if line.strip()]
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return None
+    return round(min(sizes), 1) if sizes else None
 
 
 def ray_resources() -> dict[str, Any]:
@@ -198,9 +213,29 @@ def plan_for(config: DictConfig, cluster: dict[str, Any] | None = None) -> dict[
         "scheduling_headroom": "one free CPU for the actors above to be created",
     }
     message = _refusal(config, gpus, cpus, cluster, env, env_cpu_each, env_gpu_each, per_gpu)
-    return {"gpus": gpus, "cpus": cpus, "details": details,
-            "cluster": {k: cluster[k] for k in ("source", "cpus", "gpus", "node_gpus") if k in cluster},
+    memory = memory_for(config, cluster)
+    message = message or memory.get("message")
+    return {"gpus": gpus, "cpus": cpus, "details": details, "memory": memory,
+            "cluster": {k: cluster[k] for k in ("source", "cpus", "gpus", "node_gpus", "gpu_memory_gb")
+                        if k in cluster},
             "fits": message is None, "message": message}
+
+
+def memory_for(config: DictConfig, cluster: dict[str, Any]) -> dict[str, Any]:
+    """The memory plan (recipes.memory_plan) against the GPU that will run it: the cluster's when it
+    was measured, else the one the preset declares (`preflight.gpu_memory_gb`), so a dry run on a
+    laptop checks the A100 plan. On trainer.device=cpu there is no GPU to fit."""
+    from recipes.memory_plan import DEFAULT_MARGIN, memory_plan
+
+    section = config.get("preflight") or {}
+    if str(config.trainer.get("device", "cuda")) == "cpu":
+        return memory_plan(config, None, _get(section, "host_memory_gb"))
+    gpu_gb = cluster.get("gpu_memory_gb") or _get(section, "gpu_memory_gb")
+    plan = memory_plan(config, float(gpu_gb) if gpu_gb else None, _get(section, "host_memory_gb"),
+                       float(_get(section, "memory_margin", DEFAULT_MARGIN)))
+    if plan.get("message"):
+        plan["message"] = f"memory: {plan['message']}"
+    return plan
 
 
 def _local_plan(config: DictConfig, cluster: dict[str, Any], env, env_cpu_each: float,
