@@ -12,7 +12,11 @@ from the test splits.
 - task mode: a row is "optimize a workflow for this benchmark"; each benchmark is repeated
   --task-repeats times (GRPO needs many rows). The prompt is only a seed: the environment builds
   the observation at reset.
-- query mode: a row is one problem; the policy writes a workflow for it. --gsm8k-train adds GSM8K's
+- query mode: a row is one problem; the policy writes a workflow for it. Its prompt is exactly the
+  environment's first observation (the problem, the starting workflow --initial-workflow, which must
+  be env.initial_workflow, and the answer format), so verl's filter_overlong_prompts measures what the
+  policy will see; task-mode observations depend on the search tree, so the agent loop measures them
+  and fails an over-long one instead of letting verl cut it. --gsm8k-train adds GSM8K's
   original train set to the train rows. No train row may equal a test-split problem of its
   benchmark (normalized text): such rows, and duplicate train rows, are dropped and reported.
 
@@ -41,14 +45,6 @@ MODES = ("task", "query")
 TRAIN_SPLIT, VAL_SPLIT = SPLITS  # ("validate", "test"): AFlow optimizes on validate, reports on test
 
 ABILITY = {"gsm8k": "math", "math": "math", "humaneval": "code", "mbpp": "code", "hotpotqa": "qa", "drop": "qa"}
-DESCRIPTION = {
-    "gsm8k": "grade-school math word problem (GSM8K)",
-    "math": "competition math problem (MATH)",
-    "humaneval": "Python function-completion problem (HumanEval)",
-    "mbpp": "Python programming problem (MBPP)",
-    "hotpotqa": "multi-hop question over the given paragraphs (HotpotQA)",
-    "drop": "reading-comprehension question over the given passage (DROP)",
-}
 
 
 class SetupError(DataError):
@@ -132,9 +128,13 @@ def _row(name: str, prompt: str, ground_truth: dict, extra: dict) -> dict:
     }
 
 
-def query_prompt(name: str, problem: Problem) -> str:
-    return (f"Design an agentic workflow that solves this {DESCRIPTION[name]}.\n\n"
-            f"Problem:\n{problem.inputs['problem']}")
+def query_prompt(name: str, problem: Problem, initial_workflow: str = "builtin:io") -> str:
+    """The environment's first observation of a query-mode episode on `problem` (worker.reset)."""
+    from aflow.workflows import load_workflow
+    from agent_system.environments.env_package.aflow.prompts import query_observation
+
+    seed = load_workflow(initial_workflow)
+    return query_observation(name, problem.inputs["problem"], seed.graph, seed.prompt, get_benchmark(name).is_code)
 
 
 def task_prompt(name: str) -> str:
@@ -142,7 +142,7 @@ def task_prompt(name: str) -> str:
 
 
 def query_rows(loaded: dict[str, Loaded], gsm8k_train: list[Problem] | None,
-               notes: list[str]) -> tuple[list[dict], list[dict]]:
+               notes: list[str], initial_workflow: str = "builtin:io") -> tuple[list[dict], list[dict]]:
     train: list[dict] = []
     val: list[dict] = []
     for name, data in loaded.items():
@@ -163,18 +163,18 @@ def query_rows(loaded: dict[str, Loaded], gsm8k_train: list[Problem] | None,
                 duplicates.append(problem.id)
                 continue
             seen.add(text)
-            train.append(_problem_row(name, problem, split, source))
+            train.append(_problem_row(name, problem, split, source, initial_workflow))
         if leaked:
             notes.append(f"{name}: dropped {len(leaked)} train row(s) whose problem equals a test-split problem: "
                          f"{_some(leaked)}")
         if duplicates:
             notes.append(f"{name}: dropped {len(duplicates)} duplicate train row(s): {_some(duplicates)}")
-        val += [_problem_row(name, p, VAL_SPLIT, data.source) for p in test]
+        val += [_problem_row(name, p, VAL_SPLIT, data.source, initial_workflow) for p in test]
     return train, val
 
 
-def _problem_row(name: str, problem: Problem, split: str, source: str) -> dict:
-    return _row(name, query_prompt(name, problem), problem.reference, {
+def _problem_row(name: str, problem: Problem, split: str, source: str, initial_workflow: str) -> dict:
+    return _row(name, query_prompt(name, problem, initial_workflow), problem.reference, {
         "index": 0, "benchmark": name, "split": split, "mode": "query", "problem_id": problem.id,
         "source": source, "inputs": json.dumps(problem.inputs, ensure_ascii=False),
     })
@@ -252,6 +252,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--task-repeats", type=int, default=16, help="task mode: train rows per benchmark")
     parser.add_argument("--val-task-repeats", type=int, default=None,
                         help="task mode: val rows per benchmark (default: --task-repeats)")
+    parser.add_argument("--initial-workflow", default="builtin:io",
+                        help="query mode: the starting workflow shown in each prompt; must be env.initial_workflow "
+                             "(default builtin:io, as env's)")
     return parser.parse_args(argv)
 
 
@@ -282,7 +285,7 @@ def build(args: argparse.Namespace, notes: list[str]) -> dict[Path, list[dict]]:
         notes += loaded[name].notes
 
     if args.mode == "query":
-        train, val = query_rows(loaded, gsm8k_train, notes)
+        train, val = query_rows(loaded, gsm8k_train, notes, args.initial_workflow)
     else:
         train, val = task_rows(loaded, args.task_repeats, val_repeats)
     if not train:

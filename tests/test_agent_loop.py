@@ -86,6 +86,25 @@ def row(uid="u-1"):
             "reward_model": {"style": "rule", "ground_truth": "{}"}, "index": 0, "uid": uid}
 
 
+def test_an_over_long_first_observation_fails_the_episode_instead_of_being_cut(ray_cluster, embedded_executor,
+                                                                              data_dir, tmp_path, policy):
+    """Issue 13, defect 7: verl left-truncates a prompt over data.max_prompt_length without a word;
+    the loop measures the real first observation and fails the episode, saying why."""
+    model, tokenizer = policy
+    config = trainer_config(embedded_executor, data_dir, tmp_path, mode="query")
+    config.actor_rollout_ref.rollout.prompt_length = 64  # any AFlow observation is longer
+    server = ScriptedPolicy(None, tokenizer, [action(1)])
+    problem = {"raw_prompt": [{"role": "user", "content": "x"}],
+               "extra_info": {"benchmark": "gsm8k", "index": 0, "inputs": {"problem": "What is 2 + 3?"}},
+               "data_source": "aflow/gsm8k", "reward_model": {"style": "rule", "ground_truth": '{"answer": "5"}'},
+               "index": 0, "uid": uuid.uuid4().hex}
+    out = run_episode(config, server, tokenizer, {"temperature": 1.0, "max_tokens": 64}, **problem)
+    reason = out.extra_fields["episode_failed"]
+    assert "more than data.max_prompt_length=64" in reason and "the first observation is" in reason
+    assert server.calls == 0  # nothing was generated from a cut prompt
+    assert out.reward_score == 0.0 and out.response_mask == [0]
+
+
 def test_episode_masks_rewards_and_turns(ray_cluster, embedded_executor, data_dir, tmp_path, policy):
     from agent_system.agent_loop.cpu_server import CPUServerManager
 

@@ -118,10 +118,32 @@ def test_query_mode_rows_match_the_jsonl_files(built, data_dir):
             assert info["split"] == split and info["mode"] == "query" and info["problem_id"]
             assert r["reward_model"]["style"] == "rule" and isinstance(json.loads(r["reward_model"]["ground_truth"]), dict)
             assert r["prompt"][0]["role"] == "user" and len(r["prompt"]) == 1
-            assert _problem_text(r) in r["prompt"][0]["content"]
+            assert _problem_text(r)[:6000] in r["prompt"][0]["content"]  # the observation shows 6,000 characters
     gsm = next(r for r in val if r["extra_info"]["problem_id"] == "gsm8k-test-598")
     assert json.loads(gsm["reward_model"]["ground_truth"]) == {"answer": "69"}
     assert "Colby wants to buy some gumballs" in gsm["prompt"][0]["content"]
+
+
+def test_query_prompts_are_the_first_observation_the_policy_sees(built, data_dir, tmp_path):
+    """Issue 13, defect 7: verl's filter_overlong_prompts measures the parquet prompt; it must be what
+    the policy is shown at reset, or over-long observations are silently cut from the left by verl."""
+    import asyncio
+
+    from agent_system.environments.env_package.aflow.worker import AFlowWorker
+
+    out, _, _ = built["query"]
+    rows = _rows(out / "train.parquet")
+    firsts = [next(r for r in rows if r["extra_info"]["benchmark"] == name) for name in ALL]
+    worker = AFlowWorker({"mode": "query", "data_dir": str(data_dir), "num_workers": 1,
+                          "executor": {"base_url": "http://127.0.0.1:9/v1", "model": "unused"}}, str(tmp_path / "env"))
+
+    async def observations():
+        seen = [(await worker.reset(f"e{i}", f"u{i}", row))["observation"] for i, row in enumerate(firsts)]
+        await worker.shutdown()
+        return seen
+
+    for row, observation in zip(firsts, asyncio.run(observations()), strict=True):
+        assert row["prompt"] == [{"role": "user", "content": observation}], row["extra_info"]["benchmark"]
 
 
 def test_task_mode_rows(built, data_dir, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 
 import pytest
@@ -12,6 +13,7 @@ from agent_system.environments.env_package.aflow import AFlowEnvs
 from agent_system.environments.env_package.aflow.episode import anchor_of
 from agent_system.environments.env_package.aflow.manager import AFlowEnvironmentManager
 from agent_system.reward import episode_reward, group_diversity_bonus, operators_used
+from tests.fake_openai import FakeOpenAI
 from tests.samples import GRAPH, action
 
 
@@ -150,3 +152,61 @@ def test_llm_judge_can_raise_a_qa_score(fake_openai, verdict, expected, tmp_path
         assert 0 < reward < 1 and reward == pytest.approx(lexical, abs=0.2)
     else:
         assert reward == expected
+
+
+# ---- one worker's load and its validation state (in-process AFlowWorker, a real local server) ----
+
+def _worker(fake, data_dir, tmp_path, **overrides):
+    from agent_system.environments.env_package.aflow.worker import AFlowWorker
+
+    config = {"mode": "task", "max_turns": 1, "eval_subset_size": 6, "num_workers": 1,
+              "executor": {"base_url": fake.base_url, "model": "fake-model", "max_tokens": 32},
+              "data_dir": str(data_dir), **overrides}
+    return AFlowWorker(config, str(tmp_path / "env"))
+
+
+def test_env_concurrency_bounds_the_problems_a_worker_runs_at_once(data_dir, tmp_path):
+    """Issue 13, defect 6: env.concurrency was read nowhere, so one task-mode worker ran
+    episodes x eval_subset_size problems (sandboxes and executor calls) at once."""
+    with FakeOpenAI(latency=0.3) as fake:
+        worker = _worker(fake, data_dir, tmp_path, concurrency=2)
+
+        async def go():
+            rows = [{"extra_info": {"benchmark": "gsm8k", "split": "validate"}} for _ in range(3)]
+            await asyncio.gather(*(worker.reset(f"e{i}", f"uid-{i}", row) for i, row in enumerate(rows)))
+            await asyncio.gather(*(worker.step(f"e{i}", action(i)) for i in range(3)))  # 3 x 6 problems
+            await asyncio.gather(*(worker.close(f"e{i}") for i in range(3)))
+            await worker.shutdown()
+
+        asyncio.run(go())
+        calls, peak = fake.count, fake.max_in_flight
+    assert calls >= 6 * 4  # the root's 6 problems, then 3 episodes x 6
+    assert peak == 2, peak
+
+
+def test_validation_rows_score_the_test_split_and_never_touch_the_training_tree(data_dir, tmp_path):
+    """Issue 13, defect 5: task-mode validation scored the training (validate) split and merged its
+    episodes into the training search tree."""
+    with FakeOpenAI() as fake:
+        worker = _worker(fake, data_dir, tmp_path, eval_subset_size=2)
+
+        async def go():
+            train = {"extra_info": {"benchmark": "gsm8k", "split": "validate"}}
+            val = {"extra_info": {"benchmark": "gsm8k", "split": "test"}}
+            await worker.reset("t", "uid-t", train)
+            await worker.step("t", action(1))
+            await worker.close("t")
+            await worker.reset("v", "uid-v", val)
+            await worker.step("v", action(2))
+            await worker.close("v")
+            trees = await worker.tree_summary("gsm8k"), await worker.tree_summary("gsm8k", "test")
+            problems = {split: [p.id for p in state.problems] for (_, split), state in worker.tasks.items()}
+            await worker.shutdown()
+            return trees, problems
+
+        (train_tree, val_tree), problems = asyncio.run(go())
+    assert len(train_tree) == 2  # root + the training episode's workflow
+    assert len(val_tree) == 1  # root only: the validation episode was not merged anywhere
+    test_ids = [json.loads(line)["id"] for line in (data_dir / "gsm8k_test.jsonl").read_text().splitlines()[:2]]
+    validate_ids = [json.loads(line)["id"] for line in (data_dir / "gsm8k_validate.jsonl").read_text().splitlines()[:2]]
+    assert problems == {"validate": validate_ids, "test": test_ids}

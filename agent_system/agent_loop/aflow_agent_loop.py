@@ -11,6 +11,7 @@ episode as failed with the reason; the trainer gets an output either way and nev
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from typing import Any
@@ -34,6 +35,12 @@ def env_config_of(config: Any) -> dict:
     return OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section)
 
 
+class ObservationTooLong(ValueError):
+    def __init__(self, tokens: int):
+        super().__init__(f"{tokens} tokens")
+        self.tokens = tokens
+
+
 @register("aflow_agent")
 class AFlowAgentLoop(AgentLoopBase):
     def __init__(self, *args, **kwargs):
@@ -42,6 +49,14 @@ class AFlowAgentLoop(AgentLoopBase):
         self.env_cfg = EnvConfig.from_dict(self.env_dict)
         self.response_length = self.rollout_config.response_length
         self.actor_timeout = self.env_cfg.actor_timeout_s
+
+    def _cap_text_prompt_length(self, prompt_ids: list[int]) -> list[int]:
+        """verl's hook on the first prompt: it cuts an over-long one from the left with a log warning.
+        An AFlow observation cut that way loses its instructions, so the episode fails instead and
+        says why (run catches this)."""
+        if len(prompt_ids) > self.rollout_config.prompt_length:
+            raise ObservationTooLong(len(prompt_ids))
+        return prompt_ids
 
     async def _call(self, ref):
         return await asyncio.wait_for(ref, timeout=self.actor_timeout)
@@ -63,7 +78,15 @@ class AFlowAgentLoop(AgentLoopBase):
             return self._failed_output(list(kwargs["raw_prompt"]), f"reset failed: {_reason(exc)}")
 
         messages = [manager.user_message(reset["observation"])]
-        prompt_ids = await self.ct_build_initial_tokens(messages)
+        try:
+            prompt_ids = await self.ct_build_initial_tokens(messages)
+        except ObservationTooLong as exc:
+            reason = (f"the first observation is {exc.tokens} tokens, more than data.max_prompt_length="
+                      f"{self.rollout_config.prompt_length}: raise it (task mode) or rebuild the data (query-mode "
+                      "prompts are the observation, so filter_overlong_prompts drops them)")
+            with contextlib.suppress(Exception):
+                await self._call(worker.close.remote(episode_id, reason))
+            return self._failed_output(list(kwargs["raw_prompt"]), reason)
         response_mask: list[int] = []
         logprobs: list[float] = []
         spans, anchors, step_rewards, penalties = [], [], [], []

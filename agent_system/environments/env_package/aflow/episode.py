@@ -13,6 +13,7 @@ or after max_turns rejected ones).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 import time
@@ -51,13 +52,20 @@ class Scored:
 
 
 async def score_workflow(workflow: WorkflowCode, problems: list[Problem], bench: Benchmark, llm: LLMClient,
-                         sandbox: Sandbox, tests: dict, scoring: str = "reward") -> Scored:
+                         sandbox: Sandbox, tests: dict, scoring: str = "reward",
+                         slots: asyncio.Semaphore | None = None) -> Scored:
     """Mean score of a workflow on problems, through the core's run_problem (sandbox + scoring),
-    under the `scoring` variant: the environment's is `env.reward.scoring`, `reward` by default."""
-    import asyncio
+    under the `scoring` variant: the environment's is `env.reward.scoring`, `reward` by default.
+    `slots` bounds the problems run at once across everything that shares it (a worker's
+    `env.concurrency`): each holds a sandbox process and executor calls while it runs."""
 
-    results = await asyncio.gather(*(run_problem(bench, p, workflow, llm, tests, sandbox, scoring=scoring)
-                                     for p in problems))
+    async def one(problem: Problem):
+        if slots is None:
+            return await run_problem(bench, problem, workflow, llm, tests, sandbox, scoring=scoring)
+        async with slots:
+            return await run_problem(bench, problem, workflow, llm, tests, sandbox, scoring=scoring)
+
+    results = await asyncio.gather(*(one(p) for p in problems))
     records = [r for r, _ in results]
     failures = [{"input": r.input, "output": r.output, "score": r.score, "error": r.error,
                  "score_reason": r.score_reason} for r in records if r.score < 1][:5]
@@ -93,7 +101,8 @@ class Outcome:
 class Episode:
     def __init__(self, mode: str, bench: Benchmark, llm: LLMClient, sandbox: Sandbox, tests: dict,
                  max_turns: int, start: Scored, start_round: int | None, experience: list[Experience],
-                 problems: list[Problem], max_action_chars: int, judge=None, scoring: str = "reward"):
+                 problems: list[Problem], max_action_chars: int, judge=None, scoring: str = "reward",
+                 slots: asyncio.Semaphore | None = None):
         self.mode, self.bench, self.llm, self.sandbox, self.tests = mode, bench, llm, sandbox, tests
         self.max_turns, self.start_round, self.problems = max_turns, start_round, problems
         self.current = start
@@ -104,6 +113,7 @@ class Episode:
         self.max_action_chars = max_action_chars
         self.judge = judge  # optional async (problem, output) -> score in [0, 1], query mode only
         self.scoring = scoring  # aflow.benchmarks.SCORING_VARIANTS: how workflow outputs are scored
+        self.slots = slots  # the worker's bound on problems run at once (env.concurrency)
         self.started = time.monotonic()
 
     @property
@@ -134,7 +144,7 @@ class Episode:
             self.turns.append(turn)
             return self._reply(turn)
         scored = await score_workflow(action.workflow, self.problems, self.bench, self.llm, self.sandbox, self.tests,
-                                      self.scoring)
+                                      self.scoring, self.slots)
         if self.mode == "query" and self.judge is not None and scored.outputs and scored.outputs[0] is not None:
             scored.score = await self._judged(scored.score, scored.outputs[0])
         reward = scored.score if self.mode == "query" else scored.score - self.current.score

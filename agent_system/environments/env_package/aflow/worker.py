@@ -4,6 +4,15 @@ Routing: in task mode every episode of a benchmark goes to the same worker (one 
 tree per benchmark, growing over training, as AFlow's search would); in query mode
 episodes are spread by uid. Within a worker, `reset` is keyed by the GRPO uid: every
 rollout of one parquet row starts from the same node.
+
+Validation (task mode): rows whose `extra_info.split` is "test" (data_prep writes the val
+parquet from AFlow's test splits) are scored on the test split's problems, from the
+initial workflow, in a state of their own that is never merged: validation measures how
+much the policy improves a fresh workflow on unseen problems, and never grows the
+training tree or its experience.
+
+Load: every problem a worker runs holds a sandbox process and executor calls; one
+semaphore of `env.concurrency` slots per worker bounds them across all its episodes.
 """
 
 from __future__ import annotations
@@ -38,13 +47,18 @@ def stable_index(key: str, buckets: int) -> int:
     return int(hashlib.sha256(key.encode()).hexdigest(), 16) % max(1, buckets)
 
 
-class TaskState:
-    """One benchmark's search in task mode: tree, experience, the fixed validation subset."""
+TRAIN_SPLIT, VALIDATION_SPLIT = "validate", "test"  # AFlow's: search on validate, report on test
 
-    def __init__(self, benchmark: str, cfg: EnvConfig, pool: ExperiencePool):
+
+class TaskState:
+    """One benchmark's search in task mode on one split: tree, experience, the fixed problem subset.
+    The training split's state grows with every episode; the validation split's never does."""
+
+    def __init__(self, benchmark: str, cfg: EnvConfig, pool: ExperiencePool, split: str = TRAIN_SPLIT):
         self.bench = get_benchmark(benchmark)
+        self.split = split
         data_dir = resolve_data_dir(cfg.data_dir)
-        self.problems = self.bench.load("validate", data_dir, cfg.eval_subset_size)
+        self.problems = self.bench.load(split, data_dir, cfg.eval_subset_size)
         self.tests = public_tests(self.bench.name, data_dir) if self.bench.is_code else {}
         self.tree = Tree()
         self.scored: dict[int, Scored] = {}
@@ -68,9 +82,10 @@ class AFlowWorker:
                                        max_tokens=self.cfg.executor.max_tokens,
                                        cache_path=self.workdir / "llm-cache.sqlite"))
         self.sandbox: Sandbox | None = None
-        self.tasks: dict[str, TaskState] = {}
+        self.tasks: dict[tuple[str, str], TaskState] = {}  # (benchmark, split)
         self.episodes: dict[str, Episode] = {}
-        self.task_of: dict[str, str] = {}
+        self.task_of: dict[str, tuple[str, str]] = {}
+        self.slots = asyncio.Semaphore(max(1, self.cfg.concurrency))
         self.judge = None
 
     async def ping(self) -> int:
@@ -81,16 +96,18 @@ class AFlowWorker:
             self.sandbox = await Sandbox().start()
         return self.sandbox
 
-    async def _task(self, benchmark: str) -> TaskState:
-        if benchmark not in self.tasks:
-            pool = ExperiencePool(self.workdir / "experience.sqlite", scope=benchmark)
-            self.tasks[benchmark] = TaskState(benchmark, self.cfg, pool)
-        state = self.tasks[benchmark]
+    async def _task(self, benchmark: str, split: str = TRAIN_SPLIT) -> TaskState:
+        key = (benchmark, split)
+        if key not in self.tasks:
+            scope = benchmark if split == TRAIN_SPLIT else f"{benchmark}/{split}"
+            pool = ExperiencePool(self.workdir / "experience.sqlite", scope=scope)
+            self.tasks[key] = TaskState(benchmark, self.cfg, pool, split)
+        state = self.tasks[key]
         async with state.lock:
             if not state.tree.nodes:  # the root: the initial workflow, scored once
                 seed = load_workflow(self.cfg.initial_workflow)
                 scored = await score_workflow(seed, state.problems, state.bench, self.llm, await self._sandbox(),
-                                              state.tests, self.cfg.reward.scoring)
+                                              state.tests, self.cfg.reward.scoring, self.slots)
                 state.tree.add(Node(round=1, graph=seed.graph, prompt=seed.prompt, modification="initial workflow",
                                     scores=[scored.score], cost_usd=scored.cost_usd, calls=scored.calls))
                 state.scored[1] = scored
@@ -101,7 +118,8 @@ class AFlowWorker:
         benchmark = extra.get("benchmark") or str(row.get("data_source", "")).split("/")[-1]
         sandbox = await self._sandbox()
         if self.cfg.mode == "task":
-            state = await self._task(benchmark)
+            split = VALIDATION_SPLIT if extra.get("split") == VALIDATION_SPLIT else TRAIN_SPLIT
+            state = await self._task(benchmark, split)
             async with state.lock:
                 if uid not in state.starts:
                     node, _ = select(state.tree, SelectionConfig(), state.rng)
@@ -109,8 +127,9 @@ class AFlowWorker:
                 start_round = state.starts[uid]
             episode = Episode("task", state.bench, self.llm, sandbox, state.tests, self.cfg.max_turns,
                               state.scored[start_round], start_round, state.pool.of_parent(start_round),
-                              state.problems, self.cfg.max_action_chars, scoring=self.cfg.reward.scoring)
-            self.task_of[episode_id] = benchmark
+                              state.problems, self.cfg.max_action_chars, scoring=self.cfg.reward.scoring,
+                              slots=self.slots)
+            self.task_of[episode_id] = (benchmark, split)
         else:
             bench = get_benchmark(benchmark)
             problem = query_problem(row, benchmark)
@@ -119,7 +138,7 @@ class AFlowWorker:
             judge = self._judge() if bench.name in QA_BENCHMARKS else None
             episode = Episode("query", bench, self.llm, sandbox, tests, self.cfg.max_turns,
                               Scored(seed.graph, seed.prompt, 0.0), None, [], [problem], self.cfg.max_action_chars,
-                              judge, scoring=self.cfg.reward.scoring)
+                              judge, scoring=self.cfg.reward.scoring, slots=self.slots)
         self.episodes[episode_id] = episode
         return {"observation": episode.observation(), "anchor_state": episode.current.graph}
 
@@ -141,9 +160,9 @@ class AFlowWorker:
         if episode is None:
             return {}
         outcome = episode.outcome(failed)
-        benchmark = self.task_of.pop(episode_id, None)
-        if outcome.mode == "task" and benchmark and not failed:
-            await self._merge(self.tasks[benchmark], outcome)
+        key = self.task_of.pop(episode_id, None)
+        if outcome.mode == "task" and key and key[1] == TRAIN_SPLIT and not failed:
+            await self._merge(self.tasks[key], outcome)
         return outcome_summary(outcome)
 
     async def _merge(self, state: TaskState, outcome: Outcome) -> None:
@@ -159,8 +178,8 @@ class AFlowWorker:
                 state.pool.add(Experience(parent, number, modification, before, scored.score))
                 parent = number
 
-    async def tree_summary(self, benchmark: str) -> list[dict]:
-        state = self.tasks.get(benchmark)
+    async def tree_summary(self, benchmark: str, split: str = TRAIN_SPLIT) -> list[dict]:
+        state = self.tasks.get((benchmark, split))
         return [n.summary() for n in state.tree.nodes.values()] if state else []
 
     async def shutdown(self) -> None:
