@@ -364,3 +364,18 @@ def test_group_diversity_is_added_to_the_reward_before_advantages():
     assert torch.allclose(data.batch["token_level_rewards"], expected)
     apply_group_diversity(data, 0.0)  # weight 0: untouched
     assert torch.allclose(data.batch["token_level_rewards"], expected)
+
+
+def test_verl_console_lines_are_read_back_and_a_failed_step_is_caught():
+    """tests/verl_log.py reads what verl's own console logger prints (the GPU test relies on it)."""
+    from verl.utils.logger.aggregate_logger import concat_dict_to_str
+
+    from tests.verl_log import assert_learning_step, step_metrics
+
+    good = concat_dict_to_str({"actor/pg_loss": -0.25, "actor/grad_norm": 1.5, "critic/score/mean": 0.1}, step=1)
+    nan = concat_dict_to_str({"actor/pg_loss": float("nan"), "actor/grad_norm": 0.0}, step=2)
+    steps = step_metrics(f"(TaskRunner pid=1) {good}\nnoise\n{nan}\n")
+    assert steps[1] == {"actor/pg_loss": -0.25, "actor/grad_norm": 1.5, "critic/score/mean": 0.1}
+    assert_learning_step(steps[1])
+    with pytest.raises(AssertionError):
+        assert_learning_step(steps[2])

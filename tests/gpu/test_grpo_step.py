@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.verl_log import assert_learning_step, step_metrics
+
 torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
@@ -66,4 +68,6 @@ def test_one_grpo_step_via_launch_sh(tmp_path):
                             capture_output=True, text=True, timeout=3500)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-5000:]
-    assert "step:1" in log, log[-5000:]
+    steps = step_metrics(log)
+    assert 1 in steps, log[-5000:]
+    assert_learning_step(steps[1])  # a finite loss and a non-zero gradient, not merely "step:1" printed
