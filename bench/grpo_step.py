@@ -78,8 +78,8 @@ def run_local(args, work: Path) -> dict:
     import pandas as pd
     from omegaconf import OmegaConf
 
+    from recipes.config import compose, register_resolvers
     from recipes.local_trainer import LocalTrainer
-    from recipes.train import compose, register_resolvers
 
     data = rows(args.prompts)
     pd.DataFrame({"data_source": ["bench"] * len(data), "prompt": [r["prompt"] for r in data],

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from recipes.train import ConfigError, backend_of, compose, validate_env
+from recipes.config import ConfigError, backend_of, compose, validate_env
 
 AGENT_LOOP_NAME = "aflow_agent"
 

@@ -573,7 +573,7 @@ def plot(history: list[dict[str, float]], path: Path) -> Path:
 
 def main(config: DictConfig) -> dict[str, Any]:
     """Train; returns a summary (steps, history, checkpoint, plot, metrics file, resume info)."""
-    from recipes.train import register_resolvers
+    from recipes.config import register_resolvers
 
     register_resolvers()
     import agent_system.agent_loop.aflow_agent_loop  # noqa: F401  (registers "aflow_agent")

@@ -155,7 +155,7 @@ def _get(node, key: str, default=None):
 def plan_for(config: DictConfig, cluster: dict[str, Any] | None = None) -> dict[str, Any]:
     """The resources the config needs, the cluster's, whether they fit and, if not, one message."""
     from agent_system.config import EnvConfig
-    from recipes.train import env_section
+    from recipes.config import env_section
 
     cluster = cluster or detect_cluster()
     per_gpu = _verl_cpus_per_gpu()
@@ -314,7 +314,7 @@ def _refusal(config, gpus, cpus, cluster, env, env_cpu_each, env_gpu_each, per_g
 
 
 def main(argv: list[str] | None = None) -> int:
-    from recipes.train import ConfigError, compose, validate_env
+    from recipes.config import ConfigError, compose, validate_env
 
     parser = argparse.ArgumentParser(prog="python -m recipes.preflight", description=__doc__.splitlines()[0])
     add_cluster_args(parser)

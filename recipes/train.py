@@ -16,84 +16,16 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from pathlib import Path
-from typing import Any
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CONFIG_DIR = REPO_ROOT / "configs"
-CONFIG_NAME = "aflow_grpo"
-BACKENDS = ("verl", "local")
+from recipes.config import CONFIG_NAME, ConfigError, backend_of, register_resolvers, validate_env
 
 # Modules imported inside verl's task-runner process before training starts: the agent loop registers
 # "aflow_agent", the advantage hook patches the trainer's advantage step (GiGPO).
 PLUGIN_AGENT_LOOP = "agent_system.agent_loop.aflow_agent_loop"
 PLUGIN_ADVANTAGE = "agent_system.advantage"
-
-
-class ConfigError(ValueError):
-    """A configuration problem, reported as one line."""
-
-
-def config_path(name: str) -> str:
-    """`${aflow_config:NAME}`: the absolute path of configs/NAME next to this package."""
-    return str(CONFIG_DIR / str(name))
-
-
-def register_resolvers() -> None:
-    OmegaConf.register_new_resolver("aflow_config", config_path, replace=True)
-
-
-register_resolvers()
-
-
-def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
-    """The composed config (unresolved, struct mode), exactly as `python -m recipes.train` would get it."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    if GlobalHydra.instance().is_initialized():
-        GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base=None):
-        return hydra_compose(config_name=CONFIG_NAME, overrides=list(overrides))
-
-
-def env_section(config: DictConfig) -> dict[str, Any]:
-    section = config.get("env")
-    if section is None:
-        return {}
-    return OmegaConf.to_container(section, resolve=True)
-
-
-def validate_env(config: DictConfig):
-    """EnvConfig.from_dict on the `env:` section; any problem becomes a one-line ConfigError."""
-    from agent_system.config import EnvConfig
-
-    section = env_section(config)
-    try:
-        env = EnvConfig.from_dict(section)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"env: {exc}") from None
-    # from_dict checks names; the dataclass's field types are checked by OmegaConf's structured merge
-    try:
-        schema = OmegaConf.structured(EnvConfig)
-    except Exception:  # a field type OmegaConf cannot express: names were checked above
-        return env
-    try:
-        OmegaConf.merge(schema, section)
-    except Exception as exc:
-        raise ConfigError("env: " + " ".join(str(exc).split())) from None
-    return env
-
-
-def backend_of(config: DictConfig) -> str:
-    backend = str(config.trainer.get("backend", "verl"))
-    if backend not in BACKENDS:
-        raise ConfigError(f"trainer.backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    return backend
 
 
 def _import_plugin(module: str):

@@ -32,7 +32,7 @@ MARGIN = 0.20
 
 
 def compose(overrides):
-    from recipes.train import compose as train_compose
+    from recipes.config import compose as train_compose
 
     return train_compose(["preset=cpu-smoke", "trainer.backend=local", *overrides])
 

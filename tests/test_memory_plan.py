@@ -13,9 +13,9 @@ import pytest
 import tomllib
 
 pytest.importorskip("verl")
+from recipes.config import compose  # noqa: E402
 from recipes.memory_plan import KNOWN_MODELS, QWEN25_7B, SMOLLM2_135M, memory_plan  # noqa: E402
 from recipes.preflight import plan_for  # noqa: E402
-from recipes.train import compose  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BIG_CLUSTER = {"source": "test", "cpus": 64, "gpus": 1, "node_gpus": [1]}
