@@ -9,12 +9,40 @@ import uuid
 import pytest
 
 from agent_system.config import EnvConfig
-from agent_system.environments.env_package.aflow import AFlowEnvs
 from agent_system.environments.env_package.aflow.episode import anchor_of
 from agent_system.environments.env_package.aflow.manager import AFlowEnvironmentManager
 from agent_system.reward import episode_reward, group_diversity_bonus, operators_used
 from tests.fake_openai import FakeOpenAI
 from tests.samples import GRAPH, action
+
+
+class Episodes:
+    """Rows x group_n episodes over the worker actors, as the agent loop drives them (a row's group
+    shares its uid, so they all start from the same state)."""
+
+    def __init__(self, env_config: dict, group_n: int, workdir: str):
+        from agent_system.environments.env_package.aflow.worker import route, worker_handle
+
+        self.cfg, self.group_n = EnvConfig.from_dict(env_config), group_n
+        self.handle = lambda benchmark, uid: worker_handle(route(self.cfg, benchmark, uid), env_config, workdir)
+        self.episodes: list[tuple[object, str]] = []
+
+    async def reset(self, rows: list[dict]) -> list[str]:
+        calls = []
+        for row in rows:
+            worker = self.handle((row.get("extra_info") or {}).get("benchmark", ""), row["uid"])
+            for _ in range(self.group_n):
+                self.episodes.append((worker, uuid.uuid4().hex))
+                calls.append(worker.reset.remote(self.episodes[-1][1], row["uid"], row))
+        return [r["observation"] for r in await asyncio.gather(*calls)]
+
+    async def step(self, texts: list[str]):
+        results = await asyncio.gather(*(w.step.remote(e, t) for (w, e), t in zip(self.episodes, texts, strict=True)))
+        return ([r["observation"] for r in results], [r["reward"] for r in results], [r["done"] for r in results],
+                [r["info"] for r in results])
+
+    async def close(self) -> list[dict]:
+        return await asyncio.gather(*(w.close.remote(e) for w, e in self.episodes))
 
 
 def start_graph(observation: str) -> str:
@@ -33,9 +61,9 @@ def test_task_mode_group_shares_its_start_and_merges_afterwards(ray_cluster, emb
     workdir = str(tmp_path / f"env-{uuid.uuid4().hex[:6]}")
 
     async def go():
-        envs = AFlowEnvs(config, env_num=1, group_n=2, workdir=workdir)
+        envs = Episodes(config, group_n=2, workdir=workdir)
         uid = "row-1"
-        obs, infos = await envs.reset([{"uid": uid, "extra_info": {"benchmark": "gsm8k"}}])
+        obs = await envs.reset([{"uid": uid, "extra_info": {"benchmark": "gsm8k"}}])
         assert len(obs) == 2 and obs[0] == obs[1]  # same start state for the whole group
         assert "You improve agentic workflows for the gsm8k benchmark" in obs[0]
         _, rewards, dones, infos = await envs.step([action(1), "not a workflow at all"])
@@ -52,8 +80,8 @@ def test_task_mode_group_shares_its_start_and_merges_afterwards(ray_cluster, emb
         # root + the 3 valid workflows, merged only after the episodes closed
         assert len(tree) == 4 and sorted(n["parent"] for n in tree if n["parent"]) == [1, 1, 2]
         # a new row (another uid) may start from any node; the same uid again starts where it did
-        again = AFlowEnvs(config, env_num=1, group_n=1, workdir=workdir)
-        obs_again, _ = await again.reset([{"uid": uid, "extra_info": {"benchmark": "gsm8k"}}])
+        again = Episodes(config, group_n=1, workdir=workdir)
+        obs_again = await again.reset([{"uid": uid, "extra_info": {"benchmark": "gsm8k"}}])
         assert start_graph(obs_again[0]) == start_graph(obs[0])
         assert "Answer style 1. (did not improve" in obs_again[0] or "Answer style 1. (improved" in obs_again[0]
         await again.close()
@@ -75,8 +103,8 @@ def test_query_mode_scores_the_workflow_on_its_problem(ray_cluster, embedded_exe
     gold_graph = GRAPH.replace('return result["response"]', 'return "7"')
 
     async def go():
-        envs = AFlowEnvs(config, env_num=1, group_n=1, workdir=str(tmp_path / "q"))
-        obs, _ = await envs.reset([row])
+        envs = Episodes(config, group_n=1, workdir=str(tmp_path / "q"))
+        obs = await envs.reset([row])
         assert "What is 3 + 4?" in obs[0]
         _, rewards, dones, infos = await envs.step(["<modification>x</modification><graph>oops</graph>"])
         assert not infos[0]["valid"] and dones == [False]
