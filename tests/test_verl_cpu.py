@@ -183,3 +183,34 @@ def test_other_verl_versions_are_refused_in_one_line():
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("RuntimeError: agent_system.verl_cpu supports verl 0.9.1 only, found verl 0.10.0")
+
+
+# ----------------------------------------------------------------------------- the server, without Ray
+
+
+def test_generation_server_generates_and_takes_whole_weight_syncs():
+    """The replica's server: verl's generate contract, and weight syncs that must cover every tensor."""
+    import asyncio
+    from types import SimpleNamespace
+
+    import torch
+
+    from agent_system.policy_model import ensure_default_converted
+    from agent_system.verl_cpu.rollout import CPUGenerationServer
+
+    server = CPUGenerationServer(SimpleNamespace(response_length=4), {"path": str(ensure_default_converted())}, 0)
+    out = asyncio.run(server.generate("r", prompt_ids=[1, 2, 3],
+                                      sampling_params={"temperature": 0, "max_tokens": 3, "logprobs": True}))
+    assert len(out.token_ids) == len(out.log_probs) == 3
+
+    state = {name: tensor.clone() for name, tensor in server.engine.model.state_dict().items()}
+    with pytest.raises(KeyError, match="missing"):
+        asyncio.run(server.update_weights({"model.norm.weight": state["model.norm.weight"]}))
+    state["model.norm.weight"] = torch.zeros_like(state["model.norm.weight"])
+    tied = [name for name in ("lm_head.weight",) if name in state]
+    for name in tied:  # a tied weight may come under one name only
+        del state[name]
+    assert asyncio.run(server.update_weights(state, global_steps=7)) == 1
+    assert float(server.engine.model.model.norm.weight.abs().sum()) == 0.0
+    out = asyncio.run(server.generate("r", prompt_ids=[1, 2, 3], sampling_params={"max_tokens": 1}))
+    assert out.extra_fields["global_steps"] == 7

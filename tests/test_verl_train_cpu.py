@@ -37,11 +37,18 @@ def query_parquet(data_dir, tmp_path_factory):
     return path
 
 
-def train(parquet: Path, data_dir: Path, ckpt: Path, metrics: Path, steps: int, resume: str) -> float:
-    """`python -m recipes.train preset=cpu-verl ...` in a fresh process; returns its wall time."""
+def train(parquet: Path, data_dir: Path, ckpt: Path, metrics: Path, steps: int, resume: str) -> tuple[float, str]:
+    """`python -m recipes.train preset=cpu-verl ...` in a fresh process; returns its wall time and output."""
     overrides = [
         "preset=cpu-verl", f"data.train_files={parquet}", f"data.val_files={parquet}",
-        "data.train_batch_size=2", "data.max_response_length=48", "actor_rollout_ref.rollout.n=2",
+        # one prompt x 2 rollouts per step: the smallest GRPO group, ~1000-token query prompts
+        "data.train_batch_size=1", "actor_rollout_ref.actor.ppo_mini_batch_size=1",
+        "data.max_response_length=48", "actor_rollout_ref.rollout.n=2",
+        # SmolLM2-135M rarely writes a valid workflow, so both rollouts usually score the same format
+        # penalty and the advantages are 0; an entropy term keeps the gradient non-zero regardless
+        "actor_rollout_ref.actor.entropy_coeff=0.01",
+        # a step large enough that a rollout still on the old weights would show in the log-prob diff
+        "actor_rollout_ref.actor.optim.lr=1e-4",
         # rollout log-probs: verl then reports how far they are from the actor's (weights in sync or not)
         "actor_rollout_ref.rollout.calculate_log_probs=true",
         "algorithm.adv_estimator=workflow_gigpo",
@@ -57,7 +64,7 @@ def train(parquet: Path, data_dir: Path, ckpt: Path, metrics: Path, steps: int, 
     result = subprocess.run([sys.executable, "-m", "recipes.train", *overrides], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=1800)
     assert result.returncode == 0, (result.stdout[-4000:], result.stderr[-6000:])
-    return time.monotonic() - started
+    return time.monotonic() - started, result.stdout + result.stderr
 
 
 def logged(path: Path) -> dict[int, dict]:
@@ -67,20 +74,22 @@ def logged(path: Path) -> dict[int, dict]:
 
 def test_verl_fit_on_cpu_trains_checkpoints_and_resumes(data_dir, query_parquet, tmp_path):
     ckpt = tmp_path / "ckpt"
-    first_s = train(query_parquet, data_dir, ckpt, tmp_path / "first.jsonl", steps=2, resume="disable")
+    first_s, output = train(query_parquet, data_dir, ckpt, tmp_path / "first.jsonl", steps=2, resume="disable")
+    assert "started the embedded executor at http://127.0.0.1:" in output  # by the task runner
     first = logged(tmp_path / "first.jsonl")
     assert sorted(first) == [1, 2]
     for step, data in first.items():
         assert math.isfinite(data["actor/pg_loss"]), (step, data["actor/pg_loss"])
         assert math.isfinite(data["actor/grad_norm"]) and data["actor/grad_norm"] > 0, (step, data["actor/grad_norm"])
-        # every episode reached the executor: a failed environment scores exactly 0 with no workflow
-        assert data["critic/score/mean"] == data["critic/score/mean"]
-    # the rollout generated with the actor's weights: its log-probs match the actor's recomputed ones
-    assert first[2]["training/rollout_probs_diff_mean"] < 0.05, first[2]["training/rollout_probs_diff_mean"]
+        assert math.isfinite(data["critic/score/mean"])
+    # the rollout generated with the actor's current weights (synced after step 1): per-token probabilities
+    # match the actor's recomputation up to float noise
+    for step in (1, 2):
+        assert first[step]["training/rollout_probs_diff_max"] < 1e-3, (step, first[step])
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
     assert (ckpt / "global_step_2" / "actor").is_dir()
 
-    second_s = train(query_parquet, data_dir, ckpt, tmp_path / "second.jsonl", steps=3, resume="auto")
+    second_s, _ = train(query_parquet, data_dir, ckpt, tmp_path / "second.jsonl", steps=3, resume="auto")
     second = logged(tmp_path / "second.jsonl")
     assert sorted(second) == [3], sorted(second)  # continued from the saved step, not from scratch
     assert math.isfinite(second[3]["actor/pg_loss"]) and second[3]["actor/grad_norm"] > 0

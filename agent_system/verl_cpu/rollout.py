@@ -72,6 +72,11 @@ class CPUGenerationServer:
         self.engine = CPUServerManager(SimpleNamespace(actor_rollout_ref=SimpleNamespace(rollout=config)),
                                        model=model, tokenizer=tokenizer)
         self.replica_rank = replica_rank
+        # names that share storage (tied embeddings) form one group: a sync must cover every group
+        groups: dict[int, list[str]] = {}
+        for name, tensor in model.state_dict().items():
+            groups.setdefault(tensor.data_ptr(), []).append(name)
+        self._weight_groups = list(groups.values())
 
     async def ready(self) -> int:
         return self.replica_rank
@@ -82,7 +87,14 @@ class CPUGenerationServer:
                                           image_data=image_data, video_data=video_data, **kwargs)
 
     async def update_weights(self, weights: dict[str, torch.Tensor], global_steps: int | None = None) -> int:
-        """Copy the actor's tensors into the model (under the engine's lock); returns the weight version."""
+        """Copy the actor's tensors into the model (under the engine's lock); returns the weight version.
+
+        A tied weight may arrive under either of its names, so completeness is checked per storage group
+        (unknown names are still refused by `CPUServerManager.update_weights`).
+        """
+        missing = [names[0] for names in self._weight_groups if not any(name in weights for name in names)]
+        if missing:
+            raise KeyError(f"weight sync is missing {len(missing)} tensor(s), e.g. {missing[:3]}")
         version = await asyncio.to_thread(self.engine.update_weights, weights, strict=False)
         self.engine.set_global_steps(global_steps)
         return version
