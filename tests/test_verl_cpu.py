@@ -162,6 +162,8 @@ print(json.dumps({
     "replica": RolloutReplicaRegistry.get("cpu").__qualname__,
 }))
 torch.distributed.destroy_process_group()
+from verl.utils.checkpoint.checkpoint_manager import BaseCheckpointManager
+BaseCheckpointManager.load_rng_state(BaseCheckpointManager.get_rng_state())  # what a resume does
 """
     result = _fresh(code, VERL_USE_EXTERNAL_MODULES="agent_system.verl_cpu", VERL_PLATFORM="cpu")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -214,3 +216,59 @@ def test_generation_server_generates_and_takes_whole_weight_syncs():
     assert float(server.engine.model.model.norm.weight.abs().sum()) == 0.0
     out = asyncio.run(server.generate("r", prompt_ids=[1, 2, 3], sampling_params={"max_tokens": 1}))
     assert out.extra_fields["global_steps"] == 7
+
+
+# ----------------------------------------------------------------------------- recipes.train, the verl path on CPU
+
+
+def test_cpu_runtime_sends_the_plugin_to_every_ray_worker(monkeypatch):
+    from recipes import train
+
+    config = train.compose(["preset=cpu-verl"])  # imports verl before the variables below are set
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("VERL_USE_EXTERNAL_MODULES", "some.other_plugin")
+    monkeypatch.setenv("VERL_PLATFORM", "cpu")
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    train.cpu_runtime(config)
+    ray_init = config.ray_kwargs.ray_init
+    env_vars = ray_init.runtime_env.env_vars
+    assert env_vars.VERL_USE_EXTERNAL_MODULES == "some.other_plugin,agent_system.verl_cpu"
+    assert env_vars.VERL_PLATFORM == "cpu"
+    assert env_vars.PYTHONPATH == str(ROOT)  # the checkout, once
+    assert ray_init.num_gpus == 1  # verl's placement group asks for one (logical) GPU
+    assert (Path(config.actor_rollout_ref.model.path) / "config.json").is_file()  # "embedded", converted
+
+
+class _FakeExecutor:
+    base_url, model = "http://127.0.0.1:1/v1", "fake-model"
+
+    def __init__(self):
+        self.stopped = False
+
+    def stop(self):
+        self.stopped = True
+
+
+def test_task_runner_starts_the_embedded_executor_when_no_base_url(monkeypatch):
+    import ray
+
+    from aflow import embedded
+    from recipes import train
+
+    started = []
+    monkeypatch.setattr(embedded, "start", lambda: started.append(_FakeExecutor()) or started[-1])
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
+    config = train.compose(["preset=cpu-verl"])
+    with train.embedded_executor(config) as server:
+        assert config.env.executor.base_url == server.base_url and config.env.executor.model == "fake-model"
+    assert len(started) == 1 and started[0].stopped
+
+    config = train.compose(["preset=cpu-verl", "env.executor.base_url=http://example:8000/v1"])
+    with train.embedded_executor(config) as server:
+        assert server is None
+    assert len(started) == 1
+
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
+    with pytest.raises(RuntimeError, match="2 nodes"), train.embedded_executor(train.compose(["preset=cpu-verl"])):
+        pass
+    assert len(started) == 1

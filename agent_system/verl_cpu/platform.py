@@ -60,6 +60,9 @@ def _device_module() -> ModuleType | SimpleNamespace:
     stub.get_device_name = lambda *a, **k: PLATFORM_NAME
     stub.manual_seed = torch.manual_seed
     stub.manual_seed_all = torch.manual_seed
+    # the "device" RNG is the CPU's: verl's checkpoint resume restores it under the device name "cpu"
+    stub.get_rng_state = torch.get_rng_state
+    stub.set_rng_state = torch.set_rng_state
     return stub
 
 
