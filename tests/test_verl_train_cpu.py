@@ -56,6 +56,9 @@ def train(parquet: Path, data_dir: Path, ckpt: Path, metrics: Path, steps: int, 
         f"env.data_dir={data_dir}", "env.executor.max_tokens=48",
         f"trainer.default_local_dir={ckpt}", f"trainer.total_training_steps={steps}", "trainer.save_freq=2",
         f"trainer.resume_mode={resume}", "trainer.logger=[console,file]",
+        # total_training_steps is the bound; cpu-smoke's single epoch would end a resumed run at the
+        # epoch boundary without a step (verl exits 0 then)
+        "trainer.total_epochs=100",
     ]
     env = {**os.environ, "VERL_FILE_LOGGER_PATH": str(metrics), "AFLOW_RUNS_DIR": str(ckpt.parent / "runs"),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
@@ -93,6 +96,6 @@ def test_verl_fit_on_cpu_trains_checkpoints_and_resumes(data_dir, query_parquet,
     second = logged(tmp_path / "second.jsonl")
     assert sorted(second) == [3], sorted(second)  # continued from the saved step, not from scratch
     assert math.isfinite(second[3]["actor/pg_loss"]) and second[3]["actor/grad_norm"] > 0
-    print(f"\nverl fit on cpu: 2 steps {first_s:.0f} s (step times "
-          f"{', '.join(f'{first[s]["timing_s/step"]:.0f}' for s in (1, 2))} s), resumed step 3 {second_s:.0f} s "
-          f"(step {second[3]['timing_s/step']:.0f} s)")
+    step_times = ", ".join(f"{first[s]['timing_s/step']:.0f}" for s in (1, 2))
+    print(f"\nverl fit on cpu: 2 steps {first_s:.0f} s (step times {step_times} s), resumed step 3 "
+          f"{second_s:.0f} s (step {second[3]['timing_s/step']:.0f} s)")
