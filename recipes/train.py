@@ -6,6 +6,9 @@ The config is `configs/aflow_grpo.yaml`: verl's own `ppo_trainer` (found on hydr
 `pkg://verl.trainer.config`) plus the AFlow agent loop, a top-level `env:` section and a preset.
 Before anything starts, the config is validated the way `python -m recipes.dry_run` validates it.
 
+`trainer.device=cpu` (preset cpu-verl) runs the same verl trainer on a machine without a GPU: verl's CPU
+plugin (agent_system/verl_cpu) is loaded here and, through Ray's runtime env, in every worker.
+
 `trainer.backend=local` dispatches to `recipes.local_trainer.main(config)` when that module exists.
 verl never converts its `trainer:` section to a dataclass (it stays a plain DictConfig read key by
 key), so the extra key does not upset verl; it is declared in aflow_grpo.yaml so no `+` is needed.
