@@ -170,6 +170,23 @@ def ensure_default_converted(cache_dir: str | os.PathLike[str] | None = None) ->
     return target
 
 
+EMBEDDED_NAMES = ("", "embedded", "none", "null", "HuggingFaceTB/SmolLM2-135M-Instruct")
+"""Model paths that mean the embedded SmolLM2-135M-Instruct (the hub name is not downloadable offline)."""
+
+
+def is_embedded(path: str | os.PathLike[str] | None) -> bool:
+    return path is None or str(path) in EMBEDDED_NAMES or str(path).lower() in EMBEDDED_NAMES
+
+
+def policy_directory(path: str | os.PathLike[str] | None) -> str:
+    """A local HF directory for `actor_rollout_ref.model.path`: the converted embedded model for its names.
+
+    verl's workers load the model and tokenizer from this path themselves, so "embedded" must become a real
+    directory before the config reaches them.
+    """
+    return str(ensure_default_converted()) if is_embedded(path) else str(path)
+
+
 def prepare_tokenizer(tokenizer: Any, source: str | os.PathLike[str] = "") -> Any:
     """Check the chat template (verl's agent loops tokenize chats with it) and make sure there is a pad token."""
     if not getattr(tokenizer, "chat_template", None):

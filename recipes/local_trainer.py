@@ -62,7 +62,6 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-EMBEDDED_NAMES = ("", "embedded", "none", "null", "HuggingFaceTB/SmolLM2-135M-Instruct")
 STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 
@@ -79,11 +78,11 @@ def _get(section: Any, key: str, default: Any = None) -> Any:
 
 def load_model(path: str | None):
     """(model, tokenizer): a local HF directory, or the embedded SmolLM2 for unset/"embedded"."""
-    from agent_system.policy_model import load_policy
+    from agent_system.policy_model import is_embedded, load_policy
 
-    path = "" if path is None else str(path)
-    if path in EMBEDDED_NAMES or path.lower() in EMBEDDED_NAMES:
+    if is_embedded(path):
         return load_policy(None)
+    path = str(path)
     if not Path(path).expanduser().is_dir():
         raise FileNotFoundError(f"actor_rollout_ref.model.path={path!r} is not a local model directory "
                                 "(use a local HF directory or 'embedded')")

@@ -6,6 +6,9 @@ The config is `configs/aflow_grpo.yaml`: verl's own `ppo_trainer` (found on hydr
 `pkg://verl.trainer.config`) plus the AFlow agent loop, a top-level `env:` section and a preset.
 Before anything starts, the config is validated the way `python -m recipes.dry_run` validates it.
 
+`trainer.device=cpu` (preset cpu-verl) runs the same verl trainer on a machine without a GPU: verl's CPU
+plugin (agent_system/verl_cpu) is loaded here and, through Ray's runtime env, in every worker.
+
 `trainer.backend=local` dispatches to `recipes.local_trainer.main(config)` when that module exists.
 verl never converts its `trainer:` section to a dataclass (it stays a plain DictConfig read key by
 key), so the extra key does not upset verl; it is declared in aflow_grpo.yaml so no `+` is needed.
@@ -13,12 +16,13 @@ key), so the extra key does not upset verl; it is declared in aflow_grpo.yaml so
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
 import sys
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recipes.config import CONFIG_NAME, ConfigError, backend_of, register_resolvers, validate_env
 
@@ -26,6 +30,8 @@ from recipes.config import CONFIG_NAME, ConfigError, backend_of, register_resolv
 # "aflow_agent", the advantage hook patches the trainer's advantage step (GiGPO).
 PLUGIN_AGENT_LOOP = "agent_system.agent_loop.aflow_agent_loop"
 PLUGIN_ADVANTAGE = "agent_system.advantage"
+# verl's CPU platform and rollout, imported by verl itself in every process (VERL_USE_EXTERNAL_MODULES)
+PLUGIN_VERL_CPU = "agent_system.verl_cpu"
 
 
 def _import_plugin(module: str):
@@ -88,9 +94,72 @@ def task_runner_class():
             register_resolvers()
             load_plugins()
             portable_paths(config)
-            return super().run(config)
+            with embedded_executor(config):
+                return super().run(config)
 
     return ray.remote(AFlowTaskRunner)
+
+
+@contextlib.contextmanager
+def embedded_executor(config: DictConfig):
+    """The embedded llama.cpp executor for the run when `env.executor.base_url` is empty.
+
+    Started inside verl's task runner, which outlives every AFlowWorker; its URL is written into the
+    config that the task runner hands to the agent-loop workers, which pass `env:` to the AFlowWorkers.
+    It listens on 127.0.0.1, so a cluster of several nodes is refused: AFlowWorkers elsewhere could not
+    reach it (and without an executor every episode would fail and the run would train on nothing).
+    """
+    executor = config.env.executor
+    if str(executor.get("base_url") or ""):
+        yield None
+        return
+    import ray
+
+    nodes = [node for node in ray.nodes() if node.get("Alive")]
+    if len(nodes) > 1:
+        raise RuntimeError(f"env.executor.base_url is empty and the embedded executor serves one machine only, "
+                           f"but the cluster has {len(nodes)} nodes: set env.executor.base_url/model")
+    from aflow import embedded
+
+    server = embedded.start()
+    try:
+        with open_dict(config):
+            executor.base_url = server.base_url
+            executor.model = server.model
+        print(f"started the embedded executor at {server.base_url}", flush=True)
+        yield server
+    finally:
+        server.stop()
+
+
+def cpu_runtime(config: DictConfig) -> None:
+    """`trainer.device=cpu`: load verl's CPU plugin here and in every Ray worker, through Ray's runtime env.
+
+    The plugin must be importable before verl selects a platform: in this process it is imported now (verl
+    has not resolved its platform yet), in the workers by verl's own `__init__` from
+    VERL_USE_EXTERNAL_MODULES. On a local cluster (no RAY_ADDRESS) verl starts Ray without a working_dir,
+    so the workers find this checkout through PYTHONPATH; inside a Ray job the job's working_dir does that.
+    Also resolves `actor_rollout_ref.model.path: embedded` to the converted HF directory the workers load.
+    """
+    from agent_system.policy_model import policy_directory
+
+    modules = [m for m in os.environ.get("VERL_USE_EXTERNAL_MODULES", "").split(",") if m]
+    env_vars = {
+        "VERL_USE_EXTERNAL_MODULES": ",".join(dict.fromkeys([*modules, PLUGIN_VERL_CPU])),
+        "VERL_PLATFORM": "cpu",
+    }
+    if not os.environ.get("RAY_ADDRESS"):
+        paths = [str(REPO_ROOT), *os.environ.get("PYTHONPATH", "").split(os.pathsep)]
+        env_vars["PYTHONPATH"] = os.pathsep.join(p for p in dict.fromkeys(paths) if p)
+    os.environ.update({k: v for k, v in env_vars.items() if k != "PYTHONPATH"})
+    _import_plugin(PLUGIN_VERL_CPU)
+    with open_dict(config):
+        runtime_env = config.ray_kwargs.ray_init.setdefault("runtime_env", {})
+        runtime_env.setdefault("env_vars", {})
+        for key, value in env_vars.items():
+            runtime_env.env_vars[key] = value
+        model = config.actor_rollout_ref.model
+        model.path = policy_directory(model.get("path"))
 
 
 def preflight_in_cluster(config: DictConfig) -> None:
@@ -132,6 +201,8 @@ def run(config: DictConfig) -> None:
         local.main(config)
         return
 
+    if str(config.trainer.get("device", "cuda")) == "cpu":
+        cpu_runtime(config)  # before verl's trainer modules are imported: importing them selects the platform
     from verl.trainer.main_ppo import run_ppo
     from verl.utils.device import auto_set_device
 

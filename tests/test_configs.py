@@ -35,8 +35,8 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def test_presets_are_the_documented_four():
-    assert set(PRESETS) == {"qwen2.5-7b-a100-80g", "qwen2.5-7b-a100-40g-lora", "cpu-smoke", "cpu-local"}
+def test_presets_are_the_documented_five():
+    assert set(PRESETS) == {"qwen2.5-7b-a100-80g", "qwen2.5-7b-a100-40g-lora", "cpu-smoke", "cpu-local", "cpu-verl"}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -49,7 +49,8 @@ def test_preset_composes_and_passes_verl_validation(preset):
     # cpu-local is the embedded default of `bash launch.sh` on a CPU: the local backend
     assert config.trainer.backend == ("local" if preset == "cpu-local" else "verl")
     rollout = config.actor_rollout_ref.rollout
-    assert rollout.name == "vllm" and rollout.mode == "async"
+    # cpu-verl: verl's trainer on the CPU, with the project's `cpu` rollout (agent_system/verl_cpu)
+    assert rollout.name == ("cpu" if preset == "cpu-verl" else "vllm") and rollout.mode == "async"
     assert rollout.agent.default_agent_loop == "aflow_agent"
     assert config.data.return_raw_chat is True
     path = Path(rollout.agent.agent_loop_config_path)
