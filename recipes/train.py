@@ -24,7 +24,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from recipes.config import CONFIG_NAME, ConfigError, backend_of, register_resolvers, validate_env
+from recipes.config import CONFIG_NAME, REPO_ROOT, ConfigError, backend_of, register_resolvers, validate_env
 
 # Modules imported inside verl's task-runner process before training starts: the agent loop registers
 # "aflow_agent", the advantage hook patches the trainer's advantage step (GiGPO).

@@ -223,8 +223,9 @@ def test_generation_server_generates_and_takes_whole_weight_syncs():
 
 def test_cpu_runtime_sends_the_plugin_to_every_ray_worker(monkeypatch):
     from recipes import train
+    from recipes.config import compose
 
-    config = train.compose(["preset=cpu-verl"])  # imports verl before the variables below are set
+    config = compose(["preset=cpu-verl"])  # imports verl before the variables below are set
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("VERL_USE_EXTERNAL_MODULES", "some.other_plugin")
     monkeypatch.setenv("VERL_PLATFORM", "cpu")
@@ -254,21 +255,22 @@ def test_task_runner_starts_the_embedded_executor_when_no_base_url(monkeypatch):
 
     from aflow import embedded
     from recipes import train
+    from recipes.config import compose
 
     started = []
     monkeypatch.setattr(embedded, "start", lambda: started.append(_FakeExecutor()) or started[-1])
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
-    config = train.compose(["preset=cpu-verl"])
+    config = compose(["preset=cpu-verl"])
     with train.embedded_executor(config) as server:
         assert config.env.executor.base_url == server.base_url and config.env.executor.model == "fake-model"
     assert len(started) == 1 and started[0].stopped
 
-    config = train.compose(["preset=cpu-verl", "env.executor.base_url=http://example:8000/v1"])
+    config = compose(["preset=cpu-verl", "env.executor.base_url=http://example:8000/v1"])
     with train.embedded_executor(config) as server:
         assert server is None
     assert len(started) == 1
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
-    with pytest.raises(RuntimeError, match="2 nodes"), train.embedded_executor(train.compose(["preset=cpu-verl"])):
+    with pytest.raises(RuntimeError, match="2 nodes"), train.embedded_executor(compose(["preset=cpu-verl"])):
         pass
     assert len(started) == 1
