@@ -27,6 +27,7 @@ from aflow.canvas import (
     apply,
     canonical,
     compile,
+    describe_actions,
     initial,
     kinds_for,
     parse,
@@ -179,6 +180,15 @@ def test_family_grammar_admits_only_its_kinds():
     assert code.accepts("ADD TEST") and code.accepts("ADD CODE AFTER 1")
     assert not code.accepts("ADD PROGRAM") and not code.accepts("ADD FORMAT")
     assert len(code.states) < len(GRAMMAR.states)
+
+
+def test_described_actions_name_exactly_the_family_kinds():
+    for code in (False, True):
+        text = describe_actions(code)
+        listed = {line.split(":")[0].strip() for line in text.splitlines() if line.startswith("  ") and ":" in line
+                  and line.strip().split(":")[0].isupper() and " " not in line.strip().split(":")[0]}
+        assert listed == set(kinds_for(code))
+        assert "FINISH" in text and "SET_PROMPT" in text
 
 
 # --------------------------------------------------------------------------- apply

@@ -12,7 +12,7 @@ the static checks, the sandbox and `run_problem` take like any other.
     render(canvas), canonical(canvas), anchor(canvas)
 """
 
-from aflow.canvas.actions import MAX_ACTION_CHARS, USAGE, VERBS, Action, apply, parse, replay
+from aflow.canvas.actions import MAX_ACTION_CHARS, USAGE, VERBS, Action, apply, describe_actions, parse, replay
 from aflow.canvas.compiler import compile, compile_canvas
 from aflow.canvas.grammar import Grammar
 from aflow.canvas.model import (
@@ -35,5 +35,5 @@ from aflow.canvas.model import (
 __all__ = [
     "KINDS", "MAX_ACTION_CHARS", "MAX_PROMPT_CHARS", "MAX_ROUNDS", "MAX_SAMPLES", "MAX_STEPS", "PROMPT_CHARS",
     "USAGE", "VERBS", "Action", "Canvas", "CanvasError", "Grammar", "Step", "anchor", "apply", "canonical",
-    "compile", "compile_canvas", "initial", "kinds_for", "parse", "render", "replay",
+    "compile", "compile_canvas", "describe_actions", "initial", "kinds_for", "parse", "render", "replay",
 ]

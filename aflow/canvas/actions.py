@@ -27,6 +27,7 @@ from aflow.canvas.model import (
     GENERATORS,
     KINDS,
     LOOPS,
+    MAX_PROMPT_CHARS,
     MAX_ROUNDS,
     MAX_SAMPLES,
     MAX_STEPS,
@@ -193,6 +194,28 @@ def apply(canvas: Canvas, action: Action) -> Canvas | str:
         return canvas.with_steps(steps)
     except CanvasError as exc:
         return str(exc)
+
+
+KIND_HELP = {
+    "CUSTOM": "Custom: answers with the step's prompt as its instruction",
+    "ANSWER": "AnswerGenerate: reasons step by step, keeps only the final answer",
+    "PROGRAM": "Programmer: writes and runs Python to compute the answer",
+    "CODE": "CustomCodeGenerate: writes the complete function",
+    "REVIEW": "Review, and Revise only if the review fails (ROUNDS: how many times)",
+    "TEST": "Test on the public tests, fix on failure (ROUNDS: how many times)",
+    "FORMAT": "Format: reduces the solution to the bare final answer",
+}
+
+
+def describe_actions(code: bool) -> str:
+    """The action language for one benchmark family, as the policy's instructions would show it."""
+    kinds = [k for k in KINDS if k in kinds_for(code)]
+    lines = ["One action per turn, on one line:"]
+    lines += [f"  ADD <KIND> [AFTER <0-{MAX_STEPS}>]" if verb == "ADD" else f"  {USAGE[verb]}" for verb in VERBS]
+    lines.append("Step kinds (KIND):")
+    lines += [f"  {kind}: {KIND_HELP[kind]}" for kind in kinds]
+    lines.append(f'Prompts: at most {MAX_PROMPT_CHARS} characters, no double quote, backslash or newline.')
+    return "\n".join(lines)
 
 
 def replay(canvas: Canvas, lines) -> Canvas | str:
