@@ -345,8 +345,11 @@ def register_estimator() -> None:
         raise ValueError(f"advantage estimator {WORKFLOW_GIGPO!r} is already registered to {current!r}")
 
 
-def install_advantage_hook(config: Any = None):
+def install_advantage_hook(config: Any = None, observer=None):
     """Route `adv_estimator=workflow_gigpo` in the classic trainer to Workflow-GiGPO; idempotent.
+
+    `observer(data)`, when given, sees every batch at the advantage step (rewards, uids and the agent
+    loop's extra fields are all there): the run report counts groups with a reward spread with it.
 
     Wraps `verl.trainer.ppo.ray_trainer.compute_advantage`; any other estimator calls the original unchanged.
     `config` (optional): the trainer config (reads `env.gigpo`), an EnvConfig, a GiGPOConfig, or an
@@ -362,6 +365,7 @@ def install_advantage_hook(config: Any = None):
     current = ray_trainer.compute_advantage
     if _is_wrapper(current):
         current.gigpo = settings
+        current.observer = observer
         return current
 
     original = current
@@ -377,6 +381,8 @@ def install_advantage_hook(config: Any = None):
         config=None,
     ):
         apply_group_diversity(data, _diversity_weight(config))
+        if compute_advantage.observer is not None:
+            compute_advantage.observer(data)
         if _estimator_name(adv_estimator) != WORKFLOW_GIGPO:
             return original(
                 data,
@@ -393,6 +399,7 @@ def install_advantage_hook(config: Any = None):
         return compute_workflow_gigpo_from_data(data, gigpo, norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo)
 
     compute_advantage.gigpo = settings
+    compute_advantage.observer = observer
     compute_advantage.original = original
     setattr(compute_advantage, _OWN_MARK, True)
     ray_trainer.compute_advantage = compute_advantage

@@ -158,6 +158,7 @@ def plan_for(config: DictConfig, cluster: dict[str, Any] | None = None) -> dict[
     from recipes.config import env_section
 
     cluster = cluster or detect_cluster()
+    cluster = _logical_on_cpu(config, cluster)
     per_gpu = _verl_cpus_per_gpu()
     trainer = config.trainer
     gpus_per_node, nnodes = int(trainer.n_gpus_per_node), int(trainer.nnodes)
@@ -236,6 +237,20 @@ def memory_for(config: DictConfig, cluster: dict[str, Any]) -> dict[str, Any]:
     if plan.get("message"):
         plan["message"] = f"memory: {plan['message']}"
     return plan
+
+
+def _logical_on_cpu(config: DictConfig, cluster: dict[str, Any]) -> dict[str, Any]:
+    """trainer.device=cpu on this machine: verl starts its own Ray with the logical GPU and CPUs of
+    `ray_kwargs.ray_init` (the cpu platform maps the "GPU" to the host's CPU); those are what its
+    placement groups are checked against, not the physical count."""
+    if str(config.trainer.get("device", "cuda")) != "cpu" or cluster.get("source") != "local machine":
+        return cluster
+    ray_init = (config.get("ray_kwargs") or {}).get("ray_init") or {}
+    gpus = _num(_get(ray_init, "num_gpus", 0))
+    cpus = _num(_get(ray_init, "num_cpus", cluster["cpus"]))
+    return {**cluster, "gpus": gpus, "cpus": cpus, "node_gpus": [gpus],
+            "source": f"local machine, CPU only: Ray's logical resources from ray_kwargs.ray_init ({cpus} CPUs, "
+                      f"{gpus} GPU mapped to the CPU)"}
 
 
 def _local_plan(config: DictConfig, cluster: dict[str, Any], env, env_cpu_each: float,

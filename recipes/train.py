@@ -6,7 +6,7 @@ The config is `configs/aflow_grpo.yaml`: verl's own `ppo_trainer` (found on hydr
 `pkg://verl.trainer.config`) plus the AFlow agent loop, a top-level `env:` section and a preset.
 Before anything starts, the config is validated the way `python -m recipes.dry_run` validates it.
 
-`trainer.device=cpu` (preset cpu-verl) runs the same verl trainer on a machine without a GPU: verl's CPU
+`trainer.device=cpu` (preset cpu-local) runs the same verl trainer on a machine without a GPU: verl's CPU
 plugin (agent_system/verl_cpu) is loaded here and, through Ray's runtime env, in every worker.
 
 `trainer.backend=local` dispatches to `recipes.local_trainer.main(config)` when that module exists.
@@ -48,14 +48,15 @@ def _import_plugin(module: str):
         raise RuntimeError(f"aflow-rl plugin {module!r} cannot be imported: missing module {missing!r}") from exc
 
 
-def load_plugins() -> None:
-    """Register the AFlow agent loop and install the advantage hook in THIS process."""
+def load_plugins(observer=None) -> None:
+    """Register the AFlow agent loop and install the advantage hook in THIS process (`observer` sees
+    every batch at the advantage step: the run report)."""
     _import_plugin(PLUGIN_AGENT_LOOP)
     advantage = _import_plugin(PLUGIN_ADVANTAGE)
     install = getattr(advantage, "install_advantage_hook", None)
     if install is None:
         raise RuntimeError(f"aflow-rl plugin {PLUGIN_ADVANTAGE!r} has no install_advantage_hook()")
-    install()
+    install(observer=observer)
 
 
 def portable_paths(config: DictConfig) -> None:
@@ -91,11 +92,17 @@ def task_runner_class():
 
     class AFlowTaskRunner(base):
         def run(self, config):
+            from recipes.run_report import RunReport
+
             register_resolvers()
-            load_plugins()
+            report = RunReport(config.trainer.default_local_dir)
+            load_plugins(observer=report.on_batch)
+            report.watch()
             portable_paths(config)
             with embedded_executor(config):
-                return super().run(config)
+                result = super().run(config)
+            report.finish()
+            return result
 
     return ray.remote(AFlowTaskRunner)
 

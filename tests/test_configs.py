@@ -36,7 +36,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_presets_are_the_documented_five():
-    assert set(PRESETS) == {"qwen2.5-7b-a100-80g", "qwen2.5-7b-a100-40g-lora", "cpu-smoke", "cpu-local", "cpu-verl"}
+    assert set(PRESETS) == {"qwen2.5-7b-a100-80g", "qwen2.5-7b-a100-40g-lora", "cpu-smoke", "cpu-local"}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -46,11 +46,11 @@ def test_preset_composes_and_passes_verl_validation(preset):
     assert all(isinstance(n, str) for n in notes)
     assert config.algorithm.adv_estimator == "grpo"
     assert config.trainer.use_v1 is False
-    # cpu-local is the embedded default of `bash launch.sh` on a CPU: the local backend
-    assert config.trainer.backend == ("local" if preset == "cpu-local" else "verl")
+    # cpu-local is the embedded default of `bash launch.sh` on a CPU: verl's trainer, like every preset
+    assert config.trainer.backend == "verl"
     rollout = config.actor_rollout_ref.rollout
-    # cpu-verl: verl's trainer on the CPU, with the project's `cpu` rollout (agent_system/verl_cpu)
-    assert rollout.name == ("cpu" if preset == "cpu-verl" else "vllm") and rollout.mode == "async"
+    # cpu-local: verl's trainer on the CPU, with the project's `cpu` rollout (agent_system/verl_cpu)
+    assert rollout.name == ("cpu" if preset == "cpu-local" else "vllm") and rollout.mode == "async"
     assert rollout.agent.default_agent_loop == "aflow_agent"
     assert config.data.return_raw_chat is True
     path = Path(rollout.agent.agent_loop_config_path)

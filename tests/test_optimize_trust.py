@@ -318,5 +318,6 @@ def test_launch_dry_run_of_the_cpu_preset_needs_no_gpu(tmp_path):
     assert verdict == "dry run: config valid; resource plan fits", verdict
     plan_text = result.stdout.split("# resource plan", 1)[1]
     plan = json.loads(plan_text[:plan_text.index("\n}\n") + 2])
-    assert plan["gpus"]["total"] == 0 and "local backend" in plan["details"]["trainer_pool"]
+    # verl's trainer on the CPU: its one GPU is Ray's logical GPU, mapped to the CPU by the cpu platform
+    assert plan["gpus"]["total"] == 1 and "logical" in plan["cluster"]["source"]
     assert "GPU" not in verdict

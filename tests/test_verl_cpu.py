@@ -225,7 +225,7 @@ def test_cpu_runtime_sends_the_plugin_to_every_ray_worker(monkeypatch):
     from recipes import train
     from recipes.config import compose
 
-    config = compose(["preset=cpu-verl"])  # imports verl before the variables below are set
+    config = compose(["preset=cpu-local"])  # imports verl before the variables below are set
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("VERL_USE_EXTERNAL_MODULES", "some.other_plugin")
     monkeypatch.setenv("VERL_PLATFORM", "cpu")
@@ -260,17 +260,17 @@ def test_task_runner_starts_the_embedded_executor_when_no_base_url(monkeypatch):
     started = []
     monkeypatch.setattr(embedded, "start", lambda: started.append(_FakeExecutor()) or started[-1])
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}])
-    config = compose(["preset=cpu-verl"])
+    config = compose(["preset=cpu-local"])
     with train.embedded_executor(config) as server:
         assert config.env.executor.base_url == server.base_url and config.env.executor.model == "fake-model"
     assert len(started) == 1 and started[0].stopped
 
-    config = compose(["preset=cpu-verl", "env.executor.base_url=http://example:8000/v1"])
+    config = compose(["preset=cpu-local", "env.executor.base_url=http://example:8000/v1"])
     with train.embedded_executor(config) as server:
         assert server is None
     assert len(started) == 1
 
     monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
-    with pytest.raises(RuntimeError, match="2 nodes"), train.embedded_executor(compose(["preset=cpu-verl"])):
+    with pytest.raises(RuntimeError, match="2 nodes"), train.embedded_executor(compose(["preset=cpu-local"])):
         pass
     assert len(started) == 1

@@ -1,4 +1,4 @@
-"""verl 0.9.1's own RayPPOTrainer.fit on this CPU machine: `python -m recipes.train preset=cpu-verl`.
+"""verl 0.9.1's own RayPPOTrainer.fit on this CPU machine: `python -m recipes.train preset=cpu-local`.
 
 Two training steps in query mode (gsm8k rows from data_prep.build) with the project's AFlowAgentLoop, real
 AFlowWorker Ray actors, the embedded executor (started by the task runner: `env.executor.base_url` is empty)
@@ -38,9 +38,9 @@ def query_parquet(data_dir, tmp_path_factory):
 
 
 def train(parquet: Path, data_dir: Path, ckpt: Path, metrics: Path, steps: int, resume: str) -> tuple[float, str]:
-    """`python -m recipes.train preset=cpu-verl ...` in a fresh process; returns its wall time and output."""
+    """`python -m recipes.train preset=cpu-local ...` in a fresh process; returns its wall time and output."""
     overrides = [
-        "preset=cpu-verl", f"data.train_files={parquet}", f"data.val_files={parquet}",
+        "preset=cpu-local", f"data.train_files={parquet}", f"data.val_files={parquet}",
         # one prompt x 2 rollouts per step: the smallest GRPO group, ~1000-token query prompts
         "data.train_batch_size=1", "actor_rollout_ref.actor.ppo_mini_batch_size=1",
         "data.max_response_length=48", "actor_rollout_ref.rollout.n=2",
