@@ -1,4 +1,4 @@
-"""Seconds per GRPO step and peak memory of the local trainer on CPU, and TRL's GRPOTrainer on the same job.
+"""Seconds per GRPO step and peak memory of verl's RayPPOTrainer on CPU, and TRL's GRPOTrainer on the same job.
 
     python -m bench.grpo_step [--model embedded|DIR] [--prompts 2] [--n 4] [--completion-tokens 32]
                               [--steps 3] [--warmup 1] [--skip-trl]
@@ -8,17 +8,20 @@ samples per row, every completion exactly `--completion-tokens` long (EOS ignore
 training step over all prompts x n sequences in one micro-batch, no KL term, AdamW, temperature 1.
 The reward (distinct words / completion tokens) only has to vary inside a group so the loss is not zero.
 
-Each backend runs in its own subprocess, so its peak RSS (`ru_maxrss`, model load included) is its own:
+Each backend runs in its own subprocess, so its peak memory (model load included) is its own:
 
-* local: `recipes.local_trainer.LocalTrainer.train_step` (the CPU generation backend serving verl's
-  `server_manager.generate`, all prompts x n requests decoded as one batch (`max_num_seqs`), an agent loop,
-  verl's GRPO advantage and clipped policy loss), with no Ray and no executor (`local_trainer.environment=false`);
-  it also recomputes old log-probs (one no-grad forward), as verl's actor does.
+* verl: `python -m recipes.train preset=cpu-local` (verl's classic RayPPOTrainer.fit on the CPU through
+  agent_system/verl_cpu: the `cpu` rollout serving all prompts x n requests as one batch, FSDP2 actor, GRPO,
+  PPO clipped loss, weight sync after every update) with `FixedLengthLoop` as the agent loop (no AFlow
+  environment, no executor); old log-probs recomputed by the actor (one no-grad forward), as verl does by
+  default. Step seconds are verl's own `timing_s/step`; peak memory is the largest summed RSS of the whole
+  process tree (driver, Ray, task runner, workers), sampled every 0.2 s.
 * trl: `trl.GRPOTrainer` (transformers `generate`, `num_generations=n`, `beta=0`, `num_iterations=1`, no
   gradient checkpointing, `min_new_tokens` = `max_completion_length`). Needs `pip install -e .[bench]`.
 
-The first `--warmup` steps are not timed. Output is one `name: value` per line; `ratio_local_to_trl` > 1 means
-the local trainer is slower.
+The first `--warmup` steps are not timed. Output is one `name: value` per line; `ratio_verl_to_trl` > 1 means
+verl's trainer is slower. Measured once before it was retired, the home-made local trainer on the same job:
+see README ("Speed").
 """
 
 from __future__ import annotations
@@ -74,40 +77,66 @@ def model_dir(model: str) -> str:
     return str(resolve_cache_dir())
 
 
-def run_local(args, work: Path) -> dict:
-    import pandas as pd
-    from omegaconf import OmegaConf
+def run_verl(args, work: Path) -> dict:
+    import os
+    import threading
 
-    from recipes.config import compose, register_resolvers
-    from recipes.local_trainer import LocalTrainer
+    import pandas as pd
+    import psutil
+
+    from tests.verl_log import step_metrics
 
     data = rows(args.prompts)
     pd.DataFrame({"data_source": ["bench"] * len(data), "prompt": [r["prompt"] for r in data],
                   "reward_model": [{"style": "rule", "ground_truth": ""}] * len(data),
-                  "extra_info": [{"index": i} for i in range(len(data))]}).to_parquet(work / "rows.parquet")
+                  "extra_info": [{"index": i} for i in range(len(data))],
+                  "agent_name": ["fixed_length"] * len(data)}).to_parquet(work / "rows.parquet")
+    (work / "agent_loop.yaml").write_text("- name: fixed_length\n  _target_: bench.grpo_step.FixedLengthLoop\n")
     batch = args.prompts * args.n
-    register_resolvers()
-    config = compose([
-        "preset=cpu-smoke", "trainer.backend=local", f"data.train_files={work / 'rows.parquet'}",
-        f"data.train_batch_size={args.prompts}", "data.shuffle=false", f"actor_rollout_ref.rollout.n={args.n}",
-        f"actor_rollout_ref.model.path={model_dir(args.model)}", "actor_rollout_ref.actor.use_kl_loss=false",
+    overrides = [
+        "preset=cpu-local", f"data.train_files={work / 'rows.parquet'}", f"data.val_files={work / 'rows.parquet'}",
+        f"data.train_batch_size={args.prompts}", "data.shuffle=false", "data.max_prompt_length=320",
+        f"data.max_response_length={args.completion_tokens}", "data.dataloader_num_workers=0",
+        f"actor_rollout_ref.model.path={model_dir(args.model)}",
+        f"actor_rollout_ref.rollout.agent.agent_loop_config_path={work / 'agent_loop.yaml'}",
+        "actor_rollout_ref.rollout.agent.default_agent_loop=fixed_length", f"actor_rollout_ref.rollout.n={args.n}",
+        "actor_rollout_ref.rollout.temperature=1.0", f"actor_rollout_ref.rollout.max_num_seqs={batch}",
+        f"actor_rollout_ref.rollout.max_model_len={320 + args.completion_tokens}",
+        f"actor_rollout_ref.rollout.max_num_batched_tokens={(320 + args.completion_tokens) * batch}",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={batch}",
+        "algorithm.rollout_correction.bypass_mode=false", "actor_rollout_ref.actor.use_kl_loss=false",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={args.prompts}",
-        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={batch}", "actor_rollout_ref.rollout.temperature=1.0",
-        f"actor_rollout_ref.rollout.max_num_seqs={batch}",
-        f"local_trainer.max_tokens={args.completion_tokens}", "local_trainer.lr=1e-6",
-        "local_trainer.environment=false", "local_trainer.agent_loop=bench.grpo_step.FixedLengthLoop",
-        f"trainer.default_local_dir={work / 'ckpt'}", "trainer.resume_mode=disable"])
-    OmegaConf.resolve(config)
-    trainer = LocalTrainer(config)
-    batches = trainer.batches(trainer.load_rows())
-    steps, gens, lengths = [], [], []
-    for i in range(args.warmup + args.steps):
-        metrics = trainer.train_step(next(batches))
-        if i >= args.warmup:
-            steps.append(metrics["timing_s/step"])
-            gens.append(metrics["timing_s/gen"])
-            lengths.append(metrics["response_length/mean"])
-    return {"step_s": steps, "gen_s": gens, "completion_len": statistics.mean(lengths), "peak_rss_mb": peak_rss_mb()}
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={batch}", "actor_rollout_ref.actor.optim.lr=1e-6",
+        "env.executor.base_url=http://127.0.0.1:9/v1", "env.executor.model=unused", "reward.num_workers=1",
+        f"trainer.default_local_dir={work / 'ckpt'}", f"trainer.total_training_steps={args.warmup + args.steps}",
+        "trainer.total_epochs=100000", "trainer.save_freq=-1", "trainer.val_before_train=false",
+        "trainer.test_freq=-1", "trainer.resume_mode=disable", "trainer.logger=[console]"]
+    env = {**os.environ, "AFLOW_RUNS_DIR": str(work / "runs")}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "recipes.train", *overrides], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    peak = [0.0]
+
+    def sample() -> None:  # the whole tree: driver, raylet, task runner, FSDP worker, rollout, agent loops
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            try:
+                tree = [root, *root.children(recursive=True)]
+                peak[0] = max(peak[0], sum(p.memory_info().rss for p in tree if p.is_running()) / 2**20)
+            except psutil.Error:
+                pass
+            time.sleep(0.2)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    output = proc.communicate()[0]
+    sampler.join()
+    if proc.returncode != 0:
+        raise RuntimeError(f"recipes.train exited {proc.returncode}: {output[-2000:]}")
+    steps = step_metrics(output)
+    timed = [steps[s] for s in sorted(steps) if s > args.warmup]
+    return {"step_s": [m["timing_s/step"] for m in timed], "gen_s": [m.get("timing_s/gen", float("nan")) for m in timed],
+            "completion_len": statistics.mean(m["response_length/mean"] for m in timed), "peak_rss_mb": peak[0]}
 
 
 def run_trl(args, work: Path) -> dict:
@@ -153,7 +182,7 @@ def run_trl(args, work: Path) -> dict:
 
 def child(args) -> None:
     with tempfile.TemporaryDirectory(prefix="grpo-bench-") as tmp:
-        result = (run_local if args.run == "local" else run_trl)(args, Path(tmp))
+        result = (run_verl if args.run == "verl" else run_trl)(args, Path(tmp))
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -184,14 +213,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--skip-trl", action="store_true")
-    parser.add_argument("--run", choices=["local", "trl"], help=argparse.SUPPRESS)
+    parser.add_argument("--run", choices=["verl", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run:
         return child(args)
 
     emit("sizes", f"{args.prompts} prompts x {args.n} samples x {args.completion_tokens} completion tokens, "
                   f"{args.steps} timed steps after {args.warmup} warm-up")
-    results = {"local": spawn("local", args)}
+    results = {"verl": spawn("verl", args)}
     if args.skip_trl:
         results["trl"] = "skipped (--skip-trl)"
     else:
@@ -212,7 +241,7 @@ def main(argv: list[str] | None = None) -> None:
         emit(f"{backend}_completion_tokens_mean", result["completion_len"])
         emit(f"{backend}_peak_rss_mb", result["peak_rss_mb"])
     if all(isinstance(r, dict) for r in results.values()):
-        emit("ratio_local_to_trl", statistics.median(results["local"]["step_s"])
+        emit("ratio_verl_to_trl", statistics.median(results["verl"]["step_s"])
              / statistics.median(results["trl"]["step_s"]))
 
 

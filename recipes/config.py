@@ -16,7 +16,6 @@ from omegaconf import DictConfig, OmegaConf
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
 CONFIG_NAME = "aflow_grpo"
-BACKENDS = ("verl", "local")
 
 
 
@@ -75,10 +74,3 @@ def validate_env(config: DictConfig):
     # names and types were checked when hydra merged the section onto the EnvConfig schema; from_dict
     # adds the checks a schema cannot express (mode, scoring variant)
     return env
-
-
-def backend_of(config: DictConfig) -> str:
-    backend = str(config.trainer.get("backend", "verl"))
-    if backend not in BACKENDS:
-        raise ConfigError(f"trainer.backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
-    return backend

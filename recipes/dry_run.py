@@ -9,7 +9,7 @@ or not the plan fits, unless --strict), 2 with a one-line error when it is not, 
 the plan does not fit.
 
 What `validate` checks, in order (every verl call is verl's own code, nothing re-implemented):
-  1. `trainer.backend` is verl or local; `env:` through `agent_system.config.EnvConfig.from_dict`.
+  1. `env:` through `agent_system.config.EnvConfig.from_dict` (its schema already checked when composing).
   2. `verl.utils.config.omega_conf_to_dataclass` on each section verl turns into a dataclass:
      algorithm (AlgoConfig), actor_rollout_ref.actor (FSDPActorConfig), actor_rollout_ref.rollout
      (RolloutConfig, with agent/multi_turn/checkpoint_engine/...), critic (CriticConfig, when verl
@@ -38,7 +38,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from recipes.config import ConfigError, backend_of, compose, validate_env
+from recipes.config import ConfigError, compose, validate_env
 
 AGENT_LOOP_NAME = "aflow_agent"
 
@@ -138,7 +138,6 @@ def validate(config: DictConfig) -> list[str]:
     from verl.trainer.ppo.utils import need_critic, need_reference_policy
 
     notes: list[str] = []
-    backend_of(config)
     validate_env(config)
     # verl prints progress ("[validate_config] All configuration checks passed") on stdout: keep stdout
     # for the composed config and the plan.

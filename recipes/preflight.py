@@ -182,9 +182,6 @@ def plan_for(config: DictConfig, cluster: dict[str, Any] | None = None) -> dict[
     agent_workers = int(config.actor_rollout_ref.rollout.agent.num_workers)
     reward_workers = int(_get(config.get("reward", {}), "num_workers", 0))
 
-    if str(trainer.get("backend", "verl")) == "local":
-        return _local_plan(config, cluster, env, env_cpu_each, env_gpu_each)
-
     gpus = {
         "trainer_pool": trainer_gpus,
         "critic": 0,  # colocated in the trainer pool by verl 0.9.1's classic TaskRunner
@@ -251,37 +248,6 @@ def _logical_on_cpu(config: DictConfig, cluster: dict[str, Any]) -> dict[str, An
     return {**cluster, "gpus": gpus, "cpus": cpus, "node_gpus": [gpus],
             "source": f"local machine, CPU only: Ray's logical resources from ray_kwargs.ray_init ({cpus} CPUs, "
                       f"{gpus} GPU mapped to the CPU)"}
-
-
-def _local_plan(config: DictConfig, cluster: dict[str, Any], env, env_cpu_each: float,
-                env_gpu_each: float) -> dict[str, Any]:
-    """trainer.backend=local (the cpu-local preset): one CPU process trains and generates; no verl
-    resource pool, so trainer.n_gpus_per_node asks for nothing. Only the environment workers hold
-    Ray resources (on a private local cluster unless $RAY_ADDRESS is set)."""
-    env_cpus, env_gpus = env.num_workers * env_cpu_each, env.num_workers * env_gpu_each
-    gpus = {"trainer_pool": 0, "critic": 0, "reward_model_pool": 0, "teacher_pool": 0, "env_workers": _num(env_gpus)}
-    gpus["total"] = _num(env_gpus)
-    cpus = {"trainer_pool": 1, "env_workers": _num(env_cpus), "agent_loop_workers": 0, "reward_loop_workers": 0,
-            "task_runner": 0, "scheduling_headroom": 0}
-    cpus["total"] = _num(1 + env_cpus)
-    details = {
-        "trainer_pool": "local backend: the trainer and the policy's generation run in one CPU process "
-                        "(no GPU; trainer.n_gpus_per_node is not used)",
-        "critic": "disabled",
-        "env_workers": f"{env.num_workers} AFlowWorker x {{num_cpus: {_fmt(env_cpu_each)}, num_gpus: "
-                       f"{_fmt(env_gpu_each)}}} (env.num_workers, env.resources_per_worker)",
-    }
-    message = None
-    if env_gpus > float(cluster["gpus"]):
-        message = (f"needs {_fmt(env_gpus)} GPU(s) for the environment workers, cluster has "
-                   f"{_fmt(cluster['gpus'])}: set env.resources_per_worker.num_gpus to 0")
-    elif float(cpus["total"]) > float(cluster["cpus"]):
-        message = (f"needs {_fmt(cpus['total'])} CPUs (1 for the local trainer), cluster has "
-                   f"{_fmt(cluster['cpus'])}: lower env.num_workers ({env.num_workers} x {_fmt(env_cpu_each)} CPU) "
-                   "or env.resources_per_worker.num_cpus")
-    return {"gpus": gpus, "cpus": cpus, "details": details,
-            "cluster": {k: cluster[k] for k in ("source", "cpus", "gpus", "node_gpus") if k in cluster},
-            "fits": message is None, "message": message}
 
 
 def _distillation_enabled(section) -> bool:

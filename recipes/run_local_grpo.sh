@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# A few GRPO steps on this machine, no GPU: the local trainer backend on the embedded default
-# (configs/preset/cpu-local.yaml). What `bash launch.sh` runs when there is no CUDA GPU.
+# A few GRPO steps on this machine, no GPU: verl's own RayPPOTrainer on the CPU (agent_system/verl_cpu) on the
+# embedded default (configs/preset/cpu-local.yaml). What `bash launch.sh` runs when there is no CUDA GPU.
 #
 #   bash recipes/run_local_grpo.sh [hydra overrides...]     # e.g. trainer.total_training_steps=8
 #
@@ -15,6 +15,9 @@ source scripts/bootstrap.sh cpu,rl,dev
 export AFLOW_RUNS_DIR="${AFLOW_RUNS_DIR:-$ROOT/runs}"
 bash scripts/build_data_if_missing.sh "$AFLOW_RUNS_DIR/data/humaneval-query" --benchmarks humaneval --mode query
 
+# verl's engine registry warns, in every Ray process, about optional engines it cannot import (megatron, ...):
+# noise on a CPU machine that would bury the per-step lines
+export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore:torchtitan engine:UserWarning,ignore:veomni engine:UserWarning,ignore:automodel engine:UserWarning,ignore:mindspeed engine:UserWarning,ignore:megatron engine:UserWarning}"
 stamp="$(date +%Y%m%d-%H%M%S)"
 exec python -m recipes.train preset=cpu-local \
   trainer.default_local_dir="$AFLOW_RUNS_DIR/local-$stamp" \

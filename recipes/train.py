@@ -9,9 +9,8 @@ Before anything starts, the config is validated the way `python -m recipes.dry_r
 `trainer.device=cpu` (preset cpu-local) runs the same verl trainer on a machine without a GPU: verl's CPU
 plugin (agent_system/verl_cpu) is loaded here and, through Ray's runtime env, in every worker.
 
-`trainer.backend=local` dispatches to `recipes.local_trainer.main(config)` when that module exists.
-verl never converts its `trainer:` section to a dataclass (it stays a plain DictConfig read key by
-key), so the extra key does not upset verl; it is declared in aflow_grpo.yaml so no `+` is needed.
+There is one trainer, verl's, on a GPU cluster as on a laptop; `recipes.run_report` adds the per-step
+line, the reward plot and summary.json from inside verl's task runner.
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from recipes.config import CONFIG_NAME, REPO_ROOT, ConfigError, backend_of, register_resolvers, validate_env
+from recipes.config import CONFIG_NAME, REPO_ROOT, ConfigError, register_resolvers, validate_env
 
 # Modules imported inside verl's task-runner process before training starts: the agent loop registers
 # "aflow_agent", the advantage hook patches the trainer's advantage step (GiGPO).
@@ -192,22 +191,10 @@ def preflight_in_cluster(config: DictConfig) -> None:
 
 
 def run(config: DictConfig) -> None:
-    """Validate, then train with the chosen backend."""
+    """Validate, then train with verl's RayPPOTrainer."""
     from recipes.dry_run import validate
 
-    backend = backend_of(config)
     validate_env(config)
-    if backend == "local":
-        try:
-            local = importlib.import_module("recipes.local_trainer")
-        except ModuleNotFoundError as exc:
-            if exc.name in ("recipes.local_trainer",):
-                print("local backend not available yet", file=sys.stderr)
-                raise SystemExit(2) from None
-            raise
-        local.main(config)
-        return
-
     if str(config.trainer.get("device", "cuda")) == "cpu":
         cpu_runtime(config)  # before verl's trainer modules are imported: importing them selects the platform
     from verl.trainer.main_ppo import run_ppo

@@ -46,8 +46,6 @@ def test_preset_composes_and_passes_verl_validation(preset):
     assert all(isinstance(n, str) for n in notes)
     assert config.algorithm.adv_estimator == "grpo"
     assert config.trainer.use_v1 is False
-    # cpu-local is the embedded default of `bash launch.sh` on a CPU: verl's trainer, like every preset
-    assert config.trainer.backend == "verl"
     rollout = config.actor_rollout_ref.rollout
     # cpu-local: verl's trainer on the CPU, with the project's `cpu` rollout (agent_system/verl_cpu)
     assert rollout.name == ("cpu" if preset == "cpu-local" else "vllm") and rollout.mode == "async"
@@ -145,13 +143,12 @@ def test_aflow_checks():
         dry_run.validate(compose(["actor_rollout_ref.rollout.tensor_model_parallel_size=2"]))
     with pytest.raises(ConfigError, match="use_v1"):
         dry_run.validate(compose(["trainer.use_v1=true"]))
-    with pytest.raises(ConfigError, match="trainer.backend"):
-        dry_run.validate(compose(["trainer.backend=nope"]))
 
 
-def test_trainer_backend_key_passes_verl_validation():
-    # verl keeps `trainer:` a plain DictConfig: the project's extra key is not rejected
-    dry_run.validate(compose(["preset=cpu-smoke", "trainer.backend=local"]))
+def test_there_is_one_trainer():
+    """The home-made CPU trainer is retired: no backend switch is left to pick it."""
+    assert "backend" not in compose(["preset=cpu-local"]).trainer
+    assert not (ROOT / "recipes" / "local_trainer.py").exists()
 
 
 def test_dry_run_main_exit_codes(capsys):

@@ -1,4 +1,4 @@
-"""Proof of learning through verl's own trainer: `python -m recipes.train preset=cpu-verl` (RayPPOTrainer.fit).
+"""Proof of learning through verl's own trainer: `python -m recipes.train preset=cpu-local` (RayPPOTrainer.fit).
 
 The operator-chain toy task of tests/toy_task.py (pick CHAIN_LENGTH operators from AFlow's catalogue, shown
 as a lettered menu, for a named benchmark; sampling restricted to the menu letters through the rollout's
@@ -107,10 +107,10 @@ def compact_prompt(benchmark: str) -> str:
 
 def train(model: Path, parquet: Path, agent_loops: Path, workdir: Path, lr: float, steps: int = STEPS,
           batch: int = BATCH, samples: int = SAMPLES) -> tuple[float, dict[int, dict[str, float]], str]:
-    """`python -m recipes.train preset=cpu-verl ...` on the toy task in a fresh process; returns its wall
+    """`python -m recipes.train preset=cpu-local ...` on the toy task in a fresh process; returns its wall
     time, verl's per-step console metrics and its output."""
     overrides = [
-        "preset=cpu-verl", f"data.train_files={parquet}", f"data.val_files={parquet}",
+        "preset=cpu-local", f"data.train_files={parquet}", f"data.val_files={parquet}",
         f"data.train_batch_size={batch}", "data.max_prompt_length=96", "data.max_response_length=4",
         "data.dataloader_num_workers=0",
         f"actor_rollout_ref.model.path={model}",
