@@ -372,7 +372,9 @@ def test_verl_console_lines_are_read_back_and_a_failed_step_is_caught():
 
     from tests.verl_log import assert_learning_step, step_metrics
 
-    good = concat_dict_to_str({"actor/pg_loss": -0.25, "actor/grad_norm": 1.5, "critic/score/mean": 0.1}, step=1)
+    # verl's actor metrics are numpy scalars, printed as np.float64(...) under numpy 2
+    good = concat_dict_to_str({"actor/pg_loss": np.float64(-0.25), "actor/grad_norm": np.float64(1.5),
+                               "critic/score/mean": 0.1}, step=1)
     nan = concat_dict_to_str({"actor/pg_loss": float("nan"), "actor/grad_norm": 0.0}, step=2)
     steps = step_metrics(f"(TaskRunner pid=1) {good}\nnoise\n{nan}\n")
     assert steps[1] == {"actor/pg_loss": -0.25, "actor/grad_norm": 1.5, "critic/score/mean": 0.1}

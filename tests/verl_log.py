@@ -4,6 +4,9 @@ concat_dict_to_str), so the CPU and GPU end-to-end tests can assert on what verl
 from __future__ import annotations
 
 import math
+import re
+
+_NUMPY_SCALAR = re.compile(r"^np\.\w+\((.*)\)$")  # numpy 2's repr of a scalar: np.float64(0.31)
 
 
 def step_metrics(log: str) -> dict[int, dict[str, float]]:
@@ -21,8 +24,9 @@ def step_metrics(log: str) -> dict[int, dict[str, float]]:
         values = {}
         for part in parts[1:]:
             key, _, value = part.rpartition(":")
+            wrapped = _NUMPY_SCALAR.match(value.strip())
             try:
-                values[key.strip()] = float(value)
+                values[key.strip()] = float(wrapped.group(1) if wrapped else value)
             except ValueError:
                 continue
         if values:
