@@ -49,8 +49,9 @@ def train(parquet: Path, data_dir: Path, ckpt: Path, metrics: Path, steps: int, 
         "actor_rollout_ref.actor.entropy_coeff=0.01",
         # a step large enough that a rollout still on the old weights would show in the log-prob diff
         "actor_rollout_ref.actor.optim.lr=1e-4",
-        # rollout log-probs: verl then reports how far they are from the actor's (weights in sync or not)
-        "actor_rollout_ref.rollout.calculate_log_probs=true",
+        # rollout log-probs, and the actor's recomputation of them (cpu-local's bypass mode skips it): verl
+        # then reports how far the two are apart (weights in sync or not)
+        "actor_rollout_ref.rollout.calculate_log_probs=true", "algorithm.rollout_correction.bypass_mode=false",
         "algorithm.adv_estimator=workflow_gigpo",
         "env.mode=query", "env.max_turns=1", "env.eval_subset_size=1", "env.num_workers=1",
         f"env.data_dir={data_dir}", "env.executor.max_tokens=48",
