@@ -146,9 +146,11 @@ def test_aflow_checks():
 
 
 def test_there_is_one_trainer():
-    """The home-made CPU trainer is retired: no backend switch is left to pick it."""
-    assert "backend" not in compose(["preset=cpu-local"]).trainer
-    assert not (ROOT / "recipes" / "local_trainer.py").exists()
+    """The home-made CPU trainer is retired: no backend switch is left to pick it, and the CPU preset is
+    verl's trainer on the cpu platform."""
+    config = compose(["preset=cpu-local"])
+    assert "backend" not in config.trainer
+    assert config.trainer.device == "cpu" and config.actor_rollout_ref.rollout.name == "cpu"
 
 
 def test_dry_run_main_exit_codes(capsys):
