@@ -26,8 +26,10 @@ from aflow.canvas import (
     anchor,
     apply,
     canonical,
+    canvas_of,
     compile,
     describe_actions,
+    from_canonical,
     initial,
     kinds_for,
     parse,
@@ -268,6 +270,8 @@ def test_random_action_sequences_never_crash_and_always_compile():
             if key not in compiled:
                 compiled[key] = compiled_and_checked(canvas)
                 assert len(render(canvas).splitlines()) == len(canvas.steps)
+                assert from_canonical(key) == canvas
+                assert canvas_of(*compiled[key]) == canvas
             assert compile(canvas, family_benchmark(canvas)) == compiled[key]  # deterministic
     print(f"{applied} applied, {rejected} rejected, {len(compiled)} distinct canvases compiled")
     assert applied > 2500 and rejected > 2500
@@ -284,7 +288,8 @@ def test_compiled_prompt_file_is_only_string_constants():
     canvas = replay(initial(False), ["ADD CUSTOM", "ADD PROGRAM AFTER 1", "ADD REVIEW", 'SET_PROMPT 3 "Be brief."'])
     graph, prompt = compiled_and_checked(canvas)
     tree = ast.parse(prompt)
-    assignments = tree.body[1:]
+    assignments = tree.body[2:]
+    assert tree.body[1].targets[0].id == "CANVAS" and tree.body[1].value.value == canonical(canvas)
     assert [a.targets[0].id for a in assignments] == ["STEP1", "STEP2", "STEP3"]
     assert [a.value.value for a in assignments] == [canvas.steps[i].prompt for i in range(3)]
     assert all(isinstance(a, ast.Assign) and isinstance(a.value, ast.Constant) for a in assignments)
@@ -360,8 +365,8 @@ def test_hostile_prompt_text_ends_up_inert_in_a_string_literal(text):
     graph, prompt = compiled_and_checked(canvas)
     assert text not in graph
     tree = ast.parse(prompt)
-    assert len(tree.body) == 2 and isinstance(tree.body[1], ast.Assign)
-    assert isinstance(tree.body[1].value, ast.Constant) and tree.body[1].value.value == text
+    assert len(tree.body) == 3 and all(isinstance(node, ast.Assign) for node in tree.body[1:])
+    assert isinstance(tree.body[2].value, ast.Constant) and tree.body[2].value.value == text
 
 
 def test_compiler_alone_keeps_any_text_inert():
@@ -372,7 +377,7 @@ def test_compiler_alone_keeps_any_text_inert():
     graph, prompt = compile(Canvas(False, (step,)), "gsm8k")
     from_source(graph, prompt)
     tree = ast.parse(prompt)
-    assert tree.body[1].value.value == evil and "import os" not in graph
+    assert tree.body[2].value.value == evil and "import os" not in graph
 
 
 # --------------------------------------------------------------------------- sandbox runs
@@ -492,3 +497,43 @@ def test_canvases_run_in_the_sandbox_and_match_hand_written_workflows(data_dir, 
     assert any(hostile in p for p in runs["canvas hostile"][1])  # it reached the executor, as text
     assert runs["canvas code loop"][0] == [1.0]
     assert any("Candidate solutions" in p for p in runs["canvas code loop"][1])
+
+
+def test_canvas_of_reads_only_the_compilers_own_output():
+    """A round's graph.py gives its canvas back only when it is exactly the compiled text: a hand edit, a
+    forged header or an ordinary workflow gives None (the search then treats it as a code workflow)."""
+    canvas = replay(initial(False), ["ADD REVIEW", "ENSEMBLE 1 2"])
+    graph, prompt = compile(canvas, "gsm8k")
+    assert canvas_of(graph, prompt) == canvas
+    assert canvas_of(graph.replace("range(1)", "range(2)"), prompt) is None  # edited graph, same canvas
+    assert canvas_of(graph, prompt.replace("ANSWER x2", "ANSWER x3")) is None  # edited canvas, same graph
+    assert canvas_of(graph, "def f(:") is None and canvas_of("", "") is None
+    from aflow.workflows import load_workflow
+
+    cot = load_workflow("builtin:cot")
+    assert canvas_of(cot.graph, cot.prompt) is None
+    for bad in ("canvas answer", "canvas answer\nREVIEW rounds=1", "canvas other\nANSWER \"x\"",
+                'canvas answer\nANSWER  "x"', 'canvas answer\nANSWER x1 "x"'):
+        assert isinstance(from_canonical(bad), str), bad
+
+
+def test_project_canvas_applies_one_edit_and_says_why_not():
+    from aflow.search.projection import project_canvas, tried_canvases
+
+    start = initial(False)
+    move = project_canvas("ENSEMBLE 1 3", start)
+    assert move.is_valid and move.modification == "ENSEMBLE 1 3" and move.canvas.steps[0].samples == 3
+    assert canvas_of(move.workflow.graph, move.workflow.prompt) == move.canvas
+    chatty = project_canvas("I will add a review.\n```\nADD REVIEW\n```", start)
+    assert chatty.is_valid and chatty.modification == "ADD REVIEW"
+    finish = project_canvas("FINISH\n", start)
+    assert finish.is_valid and finish.finish and finish.workflow is None and finish.canvas == start
+    # "already tried" is exact: another spelling of the same workflow is the same try
+    two_step = replay(start, ["ADD FORMAT"])
+    tried = tried_canvases(two_step, ["ADD ANSWER AFTER 1"])
+    again = project_canvas("ADD ANSWER AFTER 1", two_step, tried)
+    assert not again.is_valid and "already tried" in again.reason
+    for text, reason in [("DELETE 1", "only step"), ("ROUNDS 1 2", "only REVIEW and TEST"), ("blah", "unknown action"),
+                         ("", "empty action"), ("ADD TEST", "not available for answer")]:
+        move = project_canvas(text, start)
+        assert not move.is_valid and reason in move.reason, (text, move.reason)

@@ -13,7 +13,7 @@ the static checks, the sandbox and `run_problem` take like any other.
 """
 
 from aflow.canvas.actions import MAX_ACTION_CHARS, USAGE, VERBS, Action, apply, describe_actions, parse, replay
-from aflow.canvas.compiler import compile, compile_canvas
+from aflow.canvas.compiler import canvas_of, compile, compile_canvas
 from aflow.canvas.grammar import Grammar
 from aflow.canvas.model import (
     KINDS,
@@ -27,6 +27,7 @@ from aflow.canvas.model import (
     Step,
     anchor,
     canonical,
+    from_canonical,
     initial,
     kinds_for,
     render,
@@ -35,5 +36,6 @@ from aflow.canvas.model import (
 __all__ = [
     "KINDS", "MAX_ACTION_CHARS", "MAX_PROMPT_CHARS", "MAX_ROUNDS", "MAX_SAMPLES", "MAX_STEPS", "PROMPT_CHARS",
     "USAGE", "VERBS", "Action", "Canvas", "CanvasError", "Grammar", "Step", "anchor", "apply", "canonical",
-    "compile", "compile_canvas", "describe_actions", "initial", "kinds_for", "parse", "render", "replay",
+    "canvas_of", "compile", "compile_canvas", "describe_actions", "from_canonical", "initial", "kinds_for", "parse",
+    "render", "replay",
 ]

@@ -15,7 +15,9 @@ for code benchmarks, `(self, problem)` otherwise; one running `solution` threads
 
 from __future__ import annotations
 
-from aflow.canvas.model import OPERATORS_OF, PROMPTABLE, Canvas, Step
+import ast
+
+from aflow.canvas.model import OPERATORS_OF, PROMPTABLE, Canvas, Step, canonical, from_canonical
 
 # the operator attribute of each operator class, in a fixed order (deterministic output)
 ATTRIBUTES = {
@@ -113,7 +115,7 @@ def compile_canvas(canvas: Canvas, benchmark) -> tuple[str, str]:
                          f"a {'code' if code else 'answer'} benchmark")
     used = operators_used(canvas)
     ensemble = any(step.samples > 1 for step in canvas.steps)
-    graph = ['"""A canvas workflow (generated from the canvas; edit the canvas, not this file)."""']
+    graph = ['"""A canvas workflow (compiled from prompt.CANVAS; edit the canvas, not this file)."""']
     if ensemble:
         graph.append("import asyncio")
         graph.append("")
@@ -125,11 +127,31 @@ def compile_canvas(canvas: Canvas, benchmark) -> tuple[str, str]:
     for n, step in enumerate(canvas.steps, 1):
         graph += ["        " + line for line in _step_lines(step, n, n == 1)]
     graph += ["        return solution", ""]
-    prompts = ['"""Prompts of a canvas workflow: plain string constants, one per promptable step."""']
+    # the canvas itself, as a literal, so a round's files alone give it back (canvas_of): the search tree and
+    # AFlow's round folders need nothing else
+    prompts = ['"""Prompts of a canvas workflow: plain string constants, one per promptable step."""',
+               f"CANVAS = {canonical(canvas)!r}"]
     for n, step in enumerate(canvas.steps, 1):
         if step.kind in PROMPTABLE:
             prompts.append(f"STEP{n} = {step.prompt!r}")
     return "\n".join(graph), "\n".join(prompts) + "\n"
+
+
+def canvas_of(graph: str, prompt: str) -> Canvas | None:
+    """The canvas a workflow was compiled from, when (graph, prompt) is exactly what compile_canvas wrote
+    for it (prompt.py's CANVAS recompiles to the same two files); None for any other workflow."""
+    try:
+        tree = ast.parse(prompt)
+    except (SyntaxError, ValueError, TypeError):
+        return None
+    text = next((node.value.value for node in tree.body
+                 if isinstance(node, ast.Assign) and len(node.targets) == 1
+                 and getattr(node.targets[0], "id", None) == "CANVAS"
+                 and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)), None)
+    canvas = from_canonical(text) if text is not None else None
+    if canvas is None or isinstance(canvas, str) or compile_canvas(canvas, canvas.code) != (graph, prompt):
+        return None
+    return canvas
 
 
 compile = compile_canvas  # noqa: A001 - the name the brief asks for; compile_canvas avoids the shadowing

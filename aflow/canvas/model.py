@@ -25,6 +25,7 @@ parameters in range, prompt text short and in a restricted character set.
 from __future__ import annotations
 
 import hashlib
+import re
 import string
 from dataclasses import dataclass, field, replace
 
@@ -163,6 +164,34 @@ def canonical(canvas: Canvas) -> str:
     function of exactly these fields, so equal text <=> the same graph.py and prompt.py."""
     family = "code" if canvas.code else "answer"
     return "\n".join([f"canvas {family}"] + [_step_text(s) for s in canvas.steps])
+
+
+def from_canonical(text: str) -> Canvas | str:
+    """canonical()'s inverse: the Canvas a canonical text describes, or why it describes none."""
+    if not isinstance(text, str):
+        return "a canonical canvas is text"
+    lines = text.strip("\n").split("\n")
+    head = lines[0] if lines else ""
+    if head not in ("canvas answer", "canvas code"):
+        return "a canonical canvas starts with 'canvas answer' or 'canvas code'"
+    steps = []
+    for line in lines[1:]:
+        match = _STEP_LINE.fullmatch(line)
+        if match is None:
+            return f"not a canonical step: {line[:80]!r}"
+        kind, samples, rounds, prompt = match.groups()
+        try:
+            steps.append(Step(kind, prompt or "", int(samples or 1), int(rounds or 0)))
+        except CanvasError as exc:
+            return str(exc)
+    try:
+        canvas = Canvas(head == "canvas code", tuple(steps))
+    except CanvasError as exc:
+        return str(exc)
+    return canvas if canonical(canvas) == text.strip("\n") else "not in canonical form"
+
+
+_STEP_LINE = re.compile(r'([A-Z]+)(?: x([0-9]))?(?: rounds=([0-9]))?(?: "([^"]*)")?')
 
 
 def anchor(canvas: Canvas) -> str:

@@ -1,4 +1,6 @@
-"""Optimizer text -> an action. One function, used by `aflow optimize` and by the RL environment.
+"""Optimizer text -> an action. One module, used by `aflow optimize` and by the RL environment.
+
+Two action spaces: `project` reads a whole workflow (code), `project_canvas` one canvas edit.
 
 The optimizer (a big LLM, or the policy being trained) answers in tags:
 
@@ -16,7 +18,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from aflow import parsing
+from aflow import canvas, parsing
+from aflow.canvas import Canvas
 from aflow.workflows import WorkflowCheckError, WorkflowCode, from_source
 
 MAX_ANSWER_CHARS = 200_000
@@ -73,3 +76,71 @@ def project(text: str, parent_graph: str = "", parent_prompt: str = "",
     except WorkflowCheckError as exc:
         return Action(modification, graph, prompt, False, f"rejected by the static checks: {exc}")
     return Action(modification, graph, prompt, True, "", workflow)
+
+
+@dataclass(frozen=True)
+class CanvasMove:
+    """One answer in the canvas action space, checked against the canvas it edits.
+
+    `modification` is the action as the language writes it (e.g. "ENSEMBLE 1 3"): it is what the
+    experience records, and replaying it on the parent gives the child exactly. FINISH is valid
+    and carries the parent canvas and no workflow: the caller ends the episode or round."""
+
+    modification: str
+    canvas: Canvas | None
+    is_valid: bool
+    reason: str = ""
+    finish: bool = False
+    workflow: WorkflowCode | None = None
+
+
+def _action_line(text: str) -> canvas.Action | str:
+    """The answer's action: the whole text when it is one line of the language (what constrained
+    decoding produces), else the first line that is one (a big optimizer model may add prose)."""
+    whole = canvas.parse(text.strip())
+    if not isinstance(whole, str):
+        return whole
+    for line in text.splitlines():
+        line = line.strip().strip("`").strip()
+        if line.split(" ", 1)[0] in canvas.VERBS:
+            action = canvas.parse(line)
+            if not isinstance(action, str):
+                return action
+    return whole
+
+
+def tried_canvases(parent: Canvas, modifications) -> set[str]:
+    """Canonical texts of the canvases the recorded modifications made from `parent`: "already tried"
+    is then exact (two edits that give the same workflow are the same try)."""
+    tried = set()
+    for modification in modifications:
+        child = canvas.replay(parent, [modification])
+        if not isinstance(child, str):
+            tried.add(canvas.canonical(child))
+    return tried
+
+
+def project_canvas(text: str, parent: Canvas, tried: set[str] | frozenset[str] = frozenset()) -> CanvasMove:
+    """Parse, apply and compile one canvas answer (one action line). Never raises."""
+    text = str(text or "")
+    if len(text) > MAX_ANSWER_CHARS:
+        return CanvasMove("", None, False, f"answer is {len(text)} characters (limit {MAX_ANSWER_CHARS})")
+    action = _action_line(text)
+    if isinstance(action, str):
+        return CanvasMove("", None, False, action)
+    modification = str(action)
+    if action.verb == "FINISH":
+        return CanvasMove(modification, parent, True, finish=True)
+    child = canvas.apply(parent, action)
+    if isinstance(child, str):
+        return CanvasMove(modification, None, False, child)
+    if child == parent:
+        return CanvasMove(modification, child, False, "the edit leaves the workflow unchanged")
+    if canvas.canonical(child) in tried:
+        return CanvasMove(modification, child, False, "this edit gives a workflow already tried from this one")
+    graph, prompt = canvas.compile_canvas(child, child.code)
+    try:
+        workflow = from_source(graph, prompt, name="candidate")
+    except WorkflowCheckError as exc:  # a compiler defect: recorded, never raised
+        return CanvasMove(modification, child, False, f"the compiled canvas failed the static checks: {exc}")
+    return CanvasMove(modification, child, True, "", False, workflow)

@@ -74,3 +74,33 @@ def optimizer_prompt(benchmark: str, graph: str, prompt: str, score: float, expe
         score=score, workflow=workflow_block(graph, prompt), experience=format_experience(experience),
         failures=format_failures(failures),
     )
+
+
+CANVAS_OPTIMIZER_PROMPT = """You improve agentic workflows for the {benchmark} benchmark by editing the workflow,
+one edit per answer. The workflow runs its steps in order on each problem; each step sees the problem and
+the solution so far.
+
+Current workflow (validation score {score:.4f}):
+{canvas}
+
+{actions}
+
+Edits already tried from this workflow:
+{experience}
+
+A problem it currently gets wrong:
+{failures}
+
+Answer with one action on one line and nothing else (FINISH to keep the workflow as it is)."""
+
+
+def canvas_optimizer_prompt(benchmark: str, canvas, score: float, experience: list[Experience],
+                            failures: list[dict]) -> str:
+    """The canvas action space's optimizer prompt, shared by `aflow optimize --action-space canvas` and the
+    RL environment's task mode. Short on purpose: the policy may be a 135M model with a 1k-token window."""
+    from aflow.canvas import describe_actions, render
+
+    return CANVAS_OPTIMIZER_PROMPT.format(
+        benchmark=benchmark, score=score, canvas=render(canvas), actions=describe_actions(canvas.code),
+        experience=format_experience(experience), failures=format_failures(failures, limit=1, chars=300),
+    )
