@@ -1,8 +1,7 @@
 """Advantage estimators for AFlow workflow search on verl 0.9.1's classic `RayPPOTrainer`.
 
 GRPO (`algorithm.adv_estimator=grpo`)
-    Needs nothing from this module: verl's own `compute_grpo_outcome_advantage` runs. `grpo_advantages`
-    is a thin call into it for the local CPU trainer.
+    Needs nothing from this module: verl's own `compute_grpo_outcome_advantage` runs.
 
 Workflow-GiGPO (`algorithm.adv_estimator=workflow_gigpo`)
     advantage(token) = episode_adv + w * step_adv(turn of the token)
@@ -70,25 +69,6 @@ _OWN_MARK = "_aflow_workflow_gigpo"  # set on the functions this module puts int
 
 
 # --------------------------------------------------------------------------------------------- GRPO
-
-
-def grpo_advantages(
-    token_level_rewards: torch.Tensor,
-    response_mask: torch.Tensor,
-    index: Sequence | np.ndarray,
-    epsilon: float = 1e-6,
-    norm_adv_by_std_in_grpo: bool = True,
-    config: Any = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """verl's GRPO outcome advantage, unchanged: (advantages, returns), each (bs, response_length)."""
-    return core_algos.compute_grpo_outcome_advantage(
-        token_level_rewards=token_level_rewards,
-        response_mask=response_mask,
-        index=np.asarray(index, dtype=object),
-        epsilon=epsilon,
-        norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo,
-        config=config,
-    )
 
 
 # ------------------------------------------------------------------------------------ workflow GiGPO

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
+from agent_system.config import EnvConfig
 from tests.samples import action
 
 pytestmark = pytest.mark.slow
@@ -102,7 +103,7 @@ def test_an_over_long_first_observation_fails_the_episode_instead_of_being_cut(r
     reason = out.extra_fields["episode_failed"]
     assert "more than data.max_prompt_length=64" in reason and "the first observation is" in reason
     assert server.calls == 0  # nothing was generated from a cut prompt
-    assert out.reward_score == 0.0 and out.response_mask == [0]
+    assert out.reward_score == -0.1 and out.response_mask == [0]  # the default format penalty
 
 
 def test_episode_masks_rewards_and_turns(ray_cluster, embedded_executor, data_dir, tmp_path, policy):
@@ -173,7 +174,9 @@ def test_killed_worker_fails_the_episode_without_hanging(ray_cluster, embedded_e
     assert time.monotonic() - started < 60
     assert "step failed" in out.extra_fields["episode_failed"]
     assert "Actor" in out.extra_fields["episode_failed"] or "actor" in out.extra_fields["episode_failed"]
-    assert out.reward_score == 0.0
+    # a failure is never worth more than an invalid answer, and its tokens teach nothing
+    assert out.reward_score == -EnvConfig.from_dict(env_config_of(config)).reward.format_penalty < 0
+    assert sum(out.response_mask) == 0 and len(out.response_mask) > 0
     # the next episode gets a fresh worker (the named actor is created again)
     server2 = ScriptedPolicy(backend, tokenizer, [action(7)])
     out2 = run_episode(config, server2, tokenizer, {"temperature": 1.0, "max_tokens": 32, "logprobs": True}, **row(uuid.uuid4().hex))

@@ -5,7 +5,8 @@ backend here), the text goes to the row's `AFlowWorker`, and the environment's r
 appended as a user message whose tokens are masked 0. The output carries the episode
 reward (so verl skips reward workers) and, for workflow-GiGPO, each turn's token span,
 anchor state and step reward in `extra_fields`. A worker that dies or times out ends the
-episode as failed with the reason; the trainer gets an output either way and never hangs.
+episode as failed with the reason; the trainer gets an output either way and never hangs, with
+the episode's tokens masked and the reward of one invalid answer (`_failed_reward`).
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ class AFlowAgentLoop(AgentLoopBase):
             failed = failed or f"close failed: {_reason(exc)}"
             summary = {}
         if failed:
-            reward, components = 0.0, {"return": 0.0}
+            reward, components = self._failed_reward(), {"return": 0.0}
+            response_mask = [0] * len(response_mask)  # its score is unknown: no gradient from its tokens
         else:
             reward, components = episode_reward(summary, self.env_cfg.reward)
         n = len(response_mask)
@@ -164,8 +166,17 @@ class AFlowAgentLoop(AgentLoopBase):
             },
         )
 
+    def _failed_reward(self) -> float:
+        """The reward of an episode the environment failed (a dead or hung worker, an over-long observation).
+
+        Its tokens are masked, so it gets no gradient itself; its reward still sits in its GRPO group's mean
+        and std. At 0 it would outrank a format-penalised answer (-format_penalty): if some output could make
+        the worker fail, the group's other answers would look worse next to it. At -format_penalty a failure
+        is never worth more than one invalid answer."""
+        return -abs(self.env_cfg.reward.format_penalty)
+
     def _failed_output(self, messages: list[dict], reason: str) -> AgentLoopOutput:
-        """An episode the environment could not start: the seed prompt, one masked token, reward 0."""
+        """An episode the environment could not start: the seed prompt, one masked token, the failure reward."""
         logger.warning("AFlow episode failed: %s", reason)
         prompt_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if not isinstance(prompt_ids, list):
@@ -173,7 +184,7 @@ class AFlowAgentLoop(AgentLoopBase):
         filler = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
         return AgentLoopOutput(
             prompt_ids=prompt_ids[-self.rollout_config.prompt_length:], response_ids=[filler], response_mask=[0],
-            reward_score=0.0, num_turns=1, metrics=AgentLoopMetrics(),
+            reward_score=self._failed_reward(), num_turns=1, metrics=AgentLoopMetrics(),
             extra_fields={"turn_spans": [], "anchors": [], "step_rewards": [], "step_penalties": [],
                           "episode_failed": reason,
                           "reward_components": {"return": 0.0}, "final_operators": [], "episode_seconds": 0.0},
