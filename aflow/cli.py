@@ -139,7 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--selection", choices=("aflow", "ucb"), default="aflow")
     op.add_argument("--seed", type=int, default=0)
     op.add_argument("--concurrency", type=positive_int, default=8)
-    op.add_argument("--initial-workflow", default="builtin:io")
+    op.add_argument("--action-space", choices=("code", "canvas"), default="code",
+                    help="what the optimizer answers: code (default; the whole graph.py and prompt.py, AFlow's) "
+                         "or canvas (one canvas edit per round, e.g. 'ENSEMBLE 1 3', applied to the parent's "
+                         "canvas and compiled to an ordinary graph.py/prompt.py)")
+    op.add_argument("--initial-workflow", default=None,
+                    help="round 1's workflow: DIR | builtin:NAME (default builtin:io). With --action-space canvas: "
+                         "the initial canvas (chain of thought) by default, or a DIR whose graph.py/prompt.py are a "
+                         "compiled canvas (a round of a canvas search); any other workflow is refused")
     op.add_argument("--max-retries", type=int, default=3, help="optimizer answers tried per round")
     op.add_argument("--convergence-rounds", type=int, default=5)
     op.add_argument("--cache-path", default=None)
@@ -421,7 +428,7 @@ async def _optimize(args: argparse.Namespace, executor_cfg: LLMConfig, optimizer
         concurrency=args.concurrency, initial_workflow=args.initial_workflow, max_retries=args.max_retries,
         convergence_rounds=args.convergence_rounds, seed=args.seed, value_provider=args.value_provider,
         selection=SelectionConfig(rule=args.selection, value_weight=args.value_weight), scoring=args.scoring,
-        validation_temperature=args.validation_temperature,
+        validation_temperature=args.validation_temperature, action_space=args.action_space,
     )
     if args.cache_path:
         executor_cfg.cache_path = optimizer_cfg.cache_path = Path(args.cache_path)
@@ -490,11 +497,24 @@ def optimize_arg_error(args: argparse.Namespace) -> str | None:
     return None
 
 
+def check_initial_workflow(args: argparse.Namespace) -> None:
+    """Refuse an initial workflow the search cannot start from before any server starts (a canvas search
+    needs a canvas); raises a set-up error."""
+    from aflow.search.optimizer import DEFAULT_INITIAL, InitialWorkflowError, initial_workflow
+
+    spec = args.initial_workflow or DEFAULT_INITIAL[args.action_space]
+    try:
+        initial_workflow(args.benchmark, spec, args.action_space)
+    except (InitialWorkflowError, WorkflowCheckError) as exc:
+        raise SetupError(' '.join(str(exc).split())) from exc
+
+
 def cmd_optimize(args: argparse.Namespace) -> int:
     problem = optimize_arg_error(args)
     if problem:
         print(f"aflow: error: {problem}", file=sys.stderr)
         return 2
+    check_initial_workflow(args)
     workspace = Path(args.workspace)
     with Tracker(args.logger, workspace, "aflow", f"optimize-{args.benchmark}-{workspace.name}", run_config(args),
                  jsonl=True) as tracker, search_endpoints(args) as (executor_cfg, optimizer_cfg):

@@ -7,6 +7,12 @@ UCB, optionally fused with a value provider), asks the optimizer model for one m
 It stops at `rounds`, or when the mean of the top 3 has not changed by more than
 `convergence_tolerance` for `convergence_rounds` rounds (AFlow's criterion).
 
+Two action spaces (`action_space`): "code", where the optimizer rewrites graph.py and prompt.py
+(AFlow's), and "canvas", where it answers one canvas edit (`aflow.canvas`, e.g. `ENSEMBLE 1 3`)
+applied to the parent's canvas (recovered from its files by `canvas_of`). A canvas round is
+recorded like any other: its files are the compiled canvas, an ordinary native workflow, and its
+modification is the action line, so the tree, the report and the experience pool do not change.
+
 Repeated validation runs are independent samples: run 1 asks the executor at its own
 temperature (0 by default: the deterministic, cached answer `aflow evaluate` gets); runs 2..K
 sample at `validation_temperature` with a seed of their own (from --seed, the round and the
@@ -25,17 +31,26 @@ from pathlib import Path
 import numpy as np
 
 from aflow.benchmarks import get_benchmark
+from aflow.canvas import canvas_of, compile_canvas, initial
 from aflow.config import EvalConfig
 from aflow.evaluate import evaluate
 from aflow.llm import ExecutorError, LLMCallError, LLMClient, Usage
 from aflow.search.experience import Experience, ExperiencePool
-from aflow.search.projection import normalize_modification, project
-from aflow.search.prompts import optimizer_prompt
+from aflow.search.projection import CanvasMove, normalize_modification, project, project_canvas, tried_canvases
+from aflow.search.prompts import canvas_optimizer_prompt, optimizer_prompt
 from aflow.search.selection import SelectionConfig, select
 from aflow.search.tree import Node, Tree
 from aflow.search.value import ModelValue, empirical
-from aflow.search.workspace import Workspace
-from aflow.workflows import load_workflow
+from aflow.search.workspace import Workspace, WorkspaceMismatch
+from aflow.workflows import WorkflowCode, load_workflow
+
+ACTION_SPACES = ("code", "canvas")
+DEFAULT_INITIAL = {"code": "builtin:io", "canvas": "canvas:initial"}  # canvas: initial(), chain of thought
+FINISH_REASON = "FINISH is not an edit: propose one edit"
+
+
+class InitialWorkflowError(ValueError):
+    """An --initial-workflow the action space cannot start from (a set-up error)."""
 
 
 @dataclass
@@ -47,7 +62,7 @@ class SearchConfig:
     limit: int | None = None
     data_dir: Path | None = None
     concurrency: int = 8
-    initial_workflow: str = "builtin:io"
+    initial_workflow: str | None = None  # None: DEFAULT_INITIAL of the action space
     max_retries: int = 3
     convergence_rounds: int = 5
     convergence_tolerance: float = 0.0
@@ -56,12 +71,49 @@ class SearchConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     scoring: str = "aflow"  # aflow.benchmarks.SCORING_VARIANTS; scores of different variants never mix
     validation_temperature: float = 0.7  # executor temperature of validation runs 2..K (run 1: the executor's)
+    action_space: str = "code"  # ACTION_SPACES: what the optimizer answers (whole files, or one canvas edit)
+
+    def __post_init__(self):
+        if self.action_space not in ACTION_SPACES:
+            raise ValueError(f"unknown action space {self.action_space!r} (choose from: {', '.join(ACTION_SPACES)})")
+        self.initial_workflow = self.initial_workflow or DEFAULT_INITIAL[self.action_space]
 
     def fingerprint(self) -> dict:
         return {"benchmark": self.benchmark, "validation_rounds": self.validation_rounds, "limit": self.limit,
                 "seed": self.seed, "selection": self.selection.rule, "value_provider": self.value_provider,
                 "value_weight": self.selection.value_weight, "initial_workflow": self.initial_workflow,
-                "scoring": self.scoring, "validation_temperature": self.validation_temperature}
+                "scoring": self.scoring, "validation_temperature": self.validation_temperature,
+                "action_space": self.action_space}
+
+
+def initial_workflow(benchmark: str, spec: str, action_space: str) -> WorkflowCode:
+    """Round 1's workflow. A canvas search can only start from a canvas, since every later round edits
+    its parent's canvas: the initial one (DEFAULT_INITIAL) or a directory holding a compiled canvas of
+    the benchmark's family (a round of an earlier canvas search). Raises InitialWorkflowError, or
+    load_workflow's errors, before any model is asked."""
+    if action_space == "code":
+        return load_workflow(spec)
+    code = get_benchmark(benchmark).is_code
+    if spec == DEFAULT_INITIAL["canvas"]:
+        return WorkflowCode(spec, *compile_canvas(initial(code), code))
+    seed = load_workflow(spec)
+    found = canvas_of(seed.graph, seed.prompt)
+    if found is None:
+        raise InitialWorkflowError(f"--action-space canvas starts from a canvas: --initial-workflow {spec} is not a "
+                                   f"compiled canvas (leave it out for the initial canvas, or give a round "
+                                   f"directory of a canvas search)")
+    if found.code != code:
+        raise InitialWorkflowError(f"--initial-workflow {spec} is a canvas for "
+                                   f"{'code' if found.code else 'answer'} benchmarks, not for {benchmark}")
+    return seed
+
+
+def search_move(move: CanvasMove) -> CanvasMove:
+    """A canvas answer as a search round judges it: FINISH ends an RL episode, but a search round
+    exists to try one new workflow, so it is a rejected answer (retried with the reason)."""
+    if move.finish:
+        return CanvasMove(move.modification, move.canvas, False, FINISH_REASON)
+    return move
 
 
 @dataclass
@@ -211,7 +263,7 @@ class Search:
     # ---- one round ---------------------------------------------------------------
 
     async def _initial_round(self) -> None:
-        seed = load_workflow(self.config.initial_workflow)
+        seed = initial_workflow(self.config.benchmark, self.config.initial_workflow, self.config.action_space)
         self.log(f"round 1/{self.config.rounds}: evaluating the initial workflow {self.config.initial_workflow} "
                  f"({self._plan()})")
         scores, records, spent = await self._evaluate(1, seed.graph, seed.prompt)
@@ -229,10 +281,7 @@ class Search:
         parent.visits += 1
         self.log(f"round {number}/{self.config.rounds}: asking the optimizer to modify round {parent.round} "
                  f"(score {parent.mean:.4f}; {why['rule']} selection)")
-        tried = {normalize_modification(e.modification) for e in self.pool.of_parent(parent.round)}
-        prompt_text = optimizer_prompt(self.config.benchmark, parent.graph, parent.prompt, parent.mean,
-                                       self.pool.of_parent(parent.round), self.workspace.failures(parent.round),
-                                       get_benchmark(self.config.benchmark).is_code)
+        prompt_text, judge = self._proposal(parent)
         reasons = []
         for attempt in range(1, self.config.max_retries + 1):
             messages = [{"role": "user", "content": prompt_text}]
@@ -243,7 +292,7 @@ class Search:
                 answer = await self.optimizer.chat(messages, usage=self.usage)
             except LLMCallError as exc:
                 raise ExecutorError(f"optimizer failed: {exc}") from exc
-            action = project(answer.text, parent.graph, parent.prompt, tried)
+            action = judge(answer.text)
             self.workspace.log_expansion({"round": number, "parent": parent.round, "attempt": attempt,
                                           "valid": action.is_valid, "reason": action.reason,
                                           "modification": action.modification, "selection": why,
@@ -267,6 +316,27 @@ class Search:
         self.pool.add(Experience(parent.round, number, action.modification, parent.mean, node.mean))
         self.workspace.commit_round(node, number, records, {"status": "evaluated",
                                                             "round_usage": self._round_usage(number)})
+
+    def _proposal(self, parent: Node):
+        """(the optimizer's prompt for expanding `parent`, the function that judges an answer): the one
+        place the two action spaces differ; the retry loop, evaluation and records are shared."""
+        experience = self.pool.of_parent(parent.round)
+        failures = self.workspace.failures(parent.round)
+        if self.config.action_space == "canvas":
+            return self._canvas_proposal(parent, experience, failures)
+        tried = {normalize_modification(e.modification) for e in experience}
+        text = optimizer_prompt(self.config.benchmark, parent.graph, parent.prompt, parent.mean, experience,
+                                failures, get_benchmark(self.config.benchmark).is_code)
+        return text, lambda answer: project(answer, parent.graph, parent.prompt, tried)
+
+    def _canvas_proposal(self, parent: Node, experience: list[Experience], failures: list[dict]):
+        parent_canvas = canvas_of(parent.graph, parent.prompt)
+        if parent_canvas is None:  # a round file edited by hand: the search cannot go on from it
+            raise WorkspaceMismatch(f"round {parent.round} of {self.workspace.root} is not a compiled canvas "
+                                    "(its graph.py/prompt.py were changed?): it cannot be expanded by canvas edits")
+        tried = tried_canvases(parent_canvas, [e.modification for e in experience])
+        text = canvas_optimizer_prompt(self.config.benchmark, parent_canvas, parent.mean, experience, failures)
+        return text, lambda answer: search_move(project_canvas(answer, parent_canvas, tried))
 
     def _plan(self) -> str:
         runs = self.config.validation_rounds

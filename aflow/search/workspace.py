@@ -60,13 +60,15 @@ class Workspace:
                 raise WorkspaceMismatch(f"{self.root} already holds a search: pass --resume, or use a new --workspace")
             saved = json.loads(path.read_text())
             keys = ("benchmark", "validation_rounds", "limit", "seed", "selection", "value_provider", "value_weight",
-                    "scoring", "validation_temperature")
+                    "scoring", "validation_temperature", "action_space")
             saved.setdefault("scoring", "aflow")  # written before the variant existed: AFlow's rules
+            saved.setdefault("action_space", "code")  # written before canvas searches existed
             # written before repeats were sampled: its repeats were run 1's answers; not a reason to refuse
             saved.setdefault("validation_temperature", config.get("validation_temperature"))
             different = [k for k in keys if saved.get(k) != config.get(k)]
             if different:
-                raise WorkspaceMismatch(f"--resume with different settings than the workspace: {', '.join(different)}")
+                raise WorkspaceMismatch("--resume with different settings than the workspace: " + ", ".join(
+                    f"{k} (workspace: {saved.get(k)}, now: {config.get(k)})" for k in different))
             return
         self.root.mkdir(parents=True, exist_ok=True)
         atomic_write_json(path, config)
