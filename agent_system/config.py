@@ -42,6 +42,10 @@ class GiGPOConfig:
 @dataclass
 class EnvConfig:
     mode: str = "task"  # "task": a multi-turn AFlow optimization episode; "query": one problem per episode
+    # "code": each action is a whole workflow (graph.py + prompt.py); "canvas": one line of the canvas action
+    # language (aflow.canvas), edits of a workflow that starts at aflow.canvas.initial (so initial_workflow is
+    # not used). The agent loop's constrained decoding reads it too.
+    action_space: str = "code"
     max_turns: int = 3
     eval_subset_size: int = 20  # validation problems that score a task-mode step
     history_length: int = 2  # past turns shown in the observation
@@ -51,7 +55,7 @@ class EnvConfig:
     data_dir: str | None = None  # AFlow JSONL directory on the workers' machines
     workdir: str | None = None  # experience pool and response cache of the workers (default: a temp dir)
     concurrency: int = 8  # problems evaluated at once inside one worker
-    initial_workflow: str = "builtin:io"
+    initial_workflow: str = "builtin:io"  # action_space "code" only
     max_action_chars: int = 20_000
     actor_timeout_s: float = 1800.0  # a reset may first score the initial workflow on the whole subset
     seed: int = 0
@@ -67,6 +71,7 @@ class EnvConfig:
         return asdict(self)
 
 
+ACTION_SPACES = ("code", "canvas")
 NESTED = {"executor": EndpointConfig, "reward": RewardConfig, "gigpo": GiGPOConfig, "judge": EndpointConfig}
 
 
@@ -83,6 +88,8 @@ def _build(cls, data: dict, where: str):
     config = cls(**values)
     if isinstance(config, EnvConfig) and config.mode not in ("task", "query"):
         raise ValueError(f"env.mode must be 'task' or 'query', not {config.mode!r}")
+    if isinstance(config, EnvConfig) and config.action_space not in ACTION_SPACES:
+        raise ValueError(f"env.action_space must be 'code' or 'canvas', not {config.action_space!r}")
     if isinstance(config, RewardConfig):
         from aflow.benchmarks import SCORING_VARIANTS
 

@@ -5,7 +5,7 @@
             [+ diversity_weight·(how much the final workflow differs from its group's), batch-level]
 
 Task mode's return is the sum of step improvements (final score − start score); query mode's
-is the score of the workflow that ran. Every shaping weight defaults to 0 except the format
+is the score of the workflow that ran (the code space's), or of the final canvas (the canvas space's). Every shaping weight defaults to 0 except the format
 penalty. The group diversity term needs the whole GRPO group, so it is computed over the
 batch (`group_diversity_bonus`) rather than per episode.
 """
@@ -44,11 +44,9 @@ def step_penalty(info: dict, cfg: RewardConfig) -> float:
 def episode_reward(summary: dict, cfg: RewardConfig) -> tuple[float, dict[str, float]]:
     """(total reward, its components) for one finished episode summary (see worker.outcome_summary)."""
     turns = summary.get("turns", [])
-    if summary.get("mode") == "query":
-        valid = [t for t in turns if t["valid"]]
-        ret = valid[-1]["reward"] if valid else 0.0
-    else:
-        ret = sum(t["reward"] for t in turns)
+    # the sum of step rewards in both modes: in query mode only the scoring turn has one (the code space's one
+    # workflow that ran; the canvas space's last turn, which runs the final canvas even when it was rejected)
+    ret = sum(t["reward"] for t in turns)
     invalid = sum(not t["valid"] for t in turns)
     components = {
         "return": float(ret),

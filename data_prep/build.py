@@ -1,7 +1,8 @@
 """Build the verl parquet datasets (train.parquet, val.parquet) for the AFlow environment.
 
     python -m data_prep.build --benchmarks gsm8k,math,humaneval,mbpp,hotpotqa,drop --mode {task,query} \
-        --out DIR [--data-dir D] [--gsm8k-train FILE] [--task-repeats R] [--val-task-repeats R]
+        --out DIR [--data-dir D] [--gsm8k-train FILE] [--task-repeats R] [--val-task-repeats R] \
+        [--initial-workflow W] [--action-space {code,canvas}]
 
 Rows follow verl's RLHFDataset schema: data_source ("aflow/<benchmark>"), prompt (chat messages),
 ability, reward_model ({"style": "rule", "ground_truth": <JSON string>}), extra_info (index,
@@ -14,7 +15,8 @@ from the test splits.
   the observation at reset.
 - query mode: a row is one problem; the policy writes a workflow for it. Its prompt is exactly the
   environment's first observation (the problem, the starting workflow --initial-workflow, which must
-  be env.initial_workflow, and the answer format), so verl's filter_overlong_prompts measures what the
+  be env.initial_workflow, and the answer format; with --action-space canvas, which must be
+  env.action_space, the canvas prompt and the initial canvas), so verl's filter_overlong_prompts measures what the
   policy will see; task-mode observations depend on the search tree, so the agent loop measures them
   and fails an over-long one instead of letting verl cut it. --gsm8k-train adds GSM8K's
   original train set to the train rows. No train row may equal a test-split problem of its
@@ -37,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aflow.benchmarks import BENCHMARKS, SPLITS, DataError, Problem, get_benchmark, resolve_data_dir
+from agent_system.config import ACTION_SPACES
 from data_prep import hub
 from data_prep.aflow_splits import normalize_text
 
@@ -128,21 +131,20 @@ def _row(name: str, prompt: str, ground_truth: dict, extra: dict) -> dict:
     }
 
 
-def query_prompt(name: str, problem: Problem, initial_workflow: str = "builtin:io") -> str:
-    """The environment's first observation of a query-mode episode on `problem` (worker.reset)."""
-    from aflow.workflows import load_workflow
-    from agent_system.environments.env_package.aflow.prompts import query_observation
+def query_prompt(name: str, problem: Problem, initial_workflow: str = "builtin:io", action_space: str = "code") -> str:
+    """The environment's first observation of a query-mode episode on `problem` (worker.reset), built by the
+    environment's own episode."""
+    from agent_system.environments.env_package.aflow.spaces import query_episode
 
-    seed = load_workflow(initial_workflow)
-    return query_observation(name, problem.inputs["problem"], seed.graph, seed.prompt, get_benchmark(name).is_code)
+    return query_episode(action_space, get_benchmark(name), problem, initial_workflow).observation()
 
 
 def task_prompt(name: str) -> str:
     return f"Improve the workflow for {name}"
 
 
-def query_rows(loaded: dict[str, Loaded], gsm8k_train: list[Problem] | None,
-               notes: list[str], initial_workflow: str = "builtin:io") -> tuple[list[dict], list[dict]]:
+def query_rows(loaded: dict[str, Loaded], gsm8k_train: list[Problem] | None, notes: list[str],
+               initial_workflow: str = "builtin:io", action_space: str = "code") -> tuple[list[dict], list[dict]]:
     train: list[dict] = []
     val: list[dict] = []
     for name, data in loaded.items():
@@ -163,18 +165,19 @@ def query_rows(loaded: dict[str, Loaded], gsm8k_train: list[Problem] | None,
                 duplicates.append(problem.id)
                 continue
             seen.add(text)
-            train.append(_problem_row(name, problem, split, source, initial_workflow))
+            train.append(_problem_row(name, problem, split, source, initial_workflow, action_space))
         if leaked:
             notes.append(f"{name}: dropped {len(leaked)} train row(s) whose problem equals a test-split problem: "
                          f"{_some(leaked)}")
         if duplicates:
             notes.append(f"{name}: dropped {len(duplicates)} duplicate train row(s): {_some(duplicates)}")
-        val += [_problem_row(name, p, VAL_SPLIT, data.source, initial_workflow) for p in test]
+        val += [_problem_row(name, p, VAL_SPLIT, data.source, initial_workflow, action_space) for p in test]
     return train, val
 
 
-def _problem_row(name: str, problem: Problem, split: str, source: str, initial_workflow: str) -> dict:
-    return _row(name, query_prompt(name, problem, initial_workflow), problem.reference, {
+def _problem_row(name: str, problem: Problem, split: str, source: str, initial_workflow: str,
+                 action_space: str) -> dict:
+    return _row(name, query_prompt(name, problem, initial_workflow, action_space), problem.reference, {
         "index": 0, "benchmark": name, "split": split, "mode": "query", "problem_id": problem.id,
         "source": source, "inputs": json.dumps(problem.inputs, ensure_ascii=False),
     })
@@ -254,7 +257,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="task mode: val rows per benchmark (default: --task-repeats)")
     parser.add_argument("--initial-workflow", default="builtin:io",
                         help="query mode: the starting workflow shown in each prompt; must be env.initial_workflow "
-                             "(default builtin:io, as env's)")
+                             "(default builtin:io, as env's; unused with --action-space canvas)")
+    parser.add_argument("--action-space", default="code", choices=ACTION_SPACES,
+                        help="query mode: the prompt of env.action_space, which it must be (default code, as env's)")
     return parser.parse_args(argv)
 
 
@@ -285,7 +290,7 @@ def build(args: argparse.Namespace, notes: list[str]) -> dict[Path, list[dict]]:
         notes += loaded[name].notes
 
     if args.mode == "query":
-        train, val = query_rows(loaded, gsm8k_train, notes, args.initial_workflow)
+        train, val = query_rows(loaded, gsm8k_train, notes, args.initial_workflow, args.action_space)
     else:
         train, val = task_rows(loaded, args.task_repeats, val_repeats)
     if not train:

@@ -127,14 +127,28 @@ def test_query_mode_rows_match_the_jsonl_files(built, data_dir):
 def test_query_prompts_are_the_first_observation_the_policy_sees(built, data_dir, tmp_path):
     """Issue 13, defect 7: verl's filter_overlong_prompts measures the parquet prompt; it must be what
     the policy is shown at reset, or over-long observations are silently cut from the left by verl."""
+    out, _, _ = built["query"]
+    _assert_prompts_are_first_observations(_rows(out / "train.parquet"), ALL, data_dir, tmp_path, "code")
+
+
+def test_canvas_query_prompts_are_the_first_observation_the_policy_sees(data_dir, tmp_path):
+    """The same for env.action_space=canvas: --action-space canvas writes the canvas observation."""
+    names = ("gsm8k", "humaneval", "hotpotqa")  # the answer, code and QA families
+    code, _, stderr = _run("--benchmarks", ",".join(names), "--mode", "query", "--action-space", "canvas",
+                           "--out", str(tmp_path / "out"), "--data-dir", str(data_dir))
+    assert code == 0, stderr
+    rows = _rows(tmp_path / "out" / "train.parquet")
+    assert all("Answer with one action on one line" in r["prompt"][0]["content"] for r in rows)
+    _assert_prompts_are_first_observations(rows, names, data_dir, tmp_path, "canvas")
+
+
+def _assert_prompts_are_first_observations(rows, names, data_dir, tmp_path, action_space):
     import asyncio
 
     from agent_system.environments.env_package.aflow.worker import AFlowWorker
 
-    out, _, _ = built["query"]
-    rows = _rows(out / "train.parquet")
-    firsts = [next(r for r in rows if r["extra_info"]["benchmark"] == name) for name in ALL]
-    worker = AFlowWorker({"mode": "query", "data_dir": str(data_dir), "num_workers": 1,
+    firsts = [next(r for r in rows if r["extra_info"]["benchmark"] == name) for name in names]
+    worker = AFlowWorker({"mode": "query", "action_space": action_space, "data_dir": str(data_dir), "num_workers": 1,
                           "executor": {"base_url": "http://127.0.0.1:9/v1", "model": "unused"}}, str(tmp_path / "env"))
 
     async def observations():

@@ -143,10 +143,7 @@ class Episode:
             turn = Turn(anchor, False, 0.0, action.reason)
             self.turns.append(turn)
             return self._reply(turn)
-        scored = await score_workflow(action.workflow, self.problems, self.bench, self.llm, self.sandbox, self.tests,
-                                      self.scoring, self.slots)
-        if self.mode == "query" and self.judge is not None and scored.outputs and scored.outputs[0] is not None:
-            scored.score = await self._judged(scored.score, scored.outputs[0])
+        scored = await self._evaluate(action.workflow)
         reward = scored.score if self.mode == "query" else scored.score - self.current.score
         turn = Turn(anchor, True, reward, "", scored.score, action.modification)
         self.turns.append(turn)
@@ -157,6 +154,14 @@ class Episode:
                                                             scored.score)]
             self.current = scored
         return self._reply(turn)
+
+    async def _evaluate(self, workflow: WorkflowCode) -> Scored:
+        """A workflow's score on the episode's problems (query mode: its one problem, judged if configured)."""
+        scored = await score_workflow(workflow, self.problems, self.bench, self.llm, self.sandbox, self.tests,
+                                      self.scoring, self.slots)
+        if self.mode == "query" and self.judge is not None and scored.outputs and scored.outputs[0] is not None:
+            scored.score = await self._judged(scored.score, scored.outputs[0])
+        return scored
 
     async def _judged(self, lexical: float, output) -> float:
         """The judge lifts a lexical score that misses a paraphrase, never lowers it; under `reward`
@@ -171,9 +176,12 @@ class Episode:
     def _reply(self, turn: Turn) -> tuple[str, float, bool, dict]:
         """Mid-episode replies are short: the instructions and catalogue are already in context."""
         done = self.done
-        observation = "" if done else continuation(turn, self.current, self.mode)
+        observation = "" if done else self._continuation(turn)
         info = {"valid": turn.valid, "reason": turn.reason, "score": turn.score, "anchor": turn.anchor}
         return observation, turn.reward, done, info
+
+    def _continuation(self, turn: Turn) -> str:
+        return continuation(turn, self.current, self.mode)
 
     def outcome(self, failed: str | None = None) -> Outcome:
         return Outcome(self.mode, self.turns, self.start_round, self.nodes, self.current.graph,

@@ -35,9 +35,9 @@ from aflow.sandbox import Sandbox
 from aflow.search.experience import Experience, ExperiencePool
 from aflow.search.selection import SelectionConfig, select
 from aflow.search.tree import Node, Tree
-from aflow.workflows import load_workflow
 from agent_system.config import EnvConfig
 from agent_system.environments.env_package.aflow.episode import Episode, Outcome, Scored, score_workflow
+from agent_system.environments.env_package.aflow.spaces import episode_class, query_episode, start_workflow
 from agent_system.reward import QA_BENCHMARKS, make_judge
 
 NAMESPACE = "aflow-rl"
@@ -100,12 +100,14 @@ class AFlowWorker:
         key = (benchmark, split)
         if key not in self.tasks:
             scope = benchmark if split == TRAIN_SPLIT else f"{benchmark}/{split}"
+            if self.cfg.action_space != "code":  # a canvas search's records are canvas edits of its own nodes
+                scope = f"{scope}/{self.cfg.action_space}"
             pool = ExperiencePool(self.workdir / "experience.sqlite", scope=scope)
             self.tasks[key] = TaskState(benchmark, self.cfg, pool, split)
         state = self.tasks[key]
         async with state.lock:
             if not state.tree.nodes:  # the root: the initial workflow, scored once
-                seed = load_workflow(self.cfg.initial_workflow)
+                seed = start_workflow(self.cfg.action_space, state.bench.is_code, self.cfg.initial_workflow)
                 scored = await score_workflow(seed, state.problems, state.bench, self.llm, await self._sandbox(),
                                               state.tests, self.cfg.reward.scoring, self.slots)
                 state.tree.add(Node(round=1, graph=seed.graph, prompt=seed.prompt, modification="initial workflow",
@@ -125,7 +127,7 @@ class AFlowWorker:
                     node, _ = select(state.tree, SelectionConfig(), state.rng)
                     state.starts[uid] = node.round
                 start_round = state.starts[uid]
-            episode = Episode("task", state.bench, self.llm, sandbox, state.tests, self.cfg.max_turns,
+            episode = episode_class(self.cfg.action_space)("task", state.bench, self.llm, sandbox, state.tests, self.cfg.max_turns,
                               state.scored[start_round], start_round, state.pool.of_parent(start_round),
                               state.problems, self.cfg.max_action_chars, scoring=self.cfg.reward.scoring,
                               slots=self.slots)
@@ -133,12 +135,12 @@ class AFlowWorker:
         else:
             bench = get_benchmark(benchmark)
             problem = query_problem(row, benchmark)
-            seed = load_workflow(self.cfg.initial_workflow)
             tests = public_tests(bench.name, resolve_data_dir(self.cfg.data_dir)) if bench.is_code else {}
             judge = self._judge() if bench.name in QA_BENCHMARKS else None
-            episode = Episode("query", bench, self.llm, sandbox, tests, self.cfg.max_turns,
-                              Scored(seed.graph, seed.prompt, 0.0), None, [], [problem], self.cfg.max_action_chars,
-                              judge, scoring=self.cfg.reward.scoring, slots=self.slots)
+            episode = query_episode(self.cfg.action_space, bench, problem, self.cfg.initial_workflow, llm=self.llm,
+                                    sandbox=sandbox, tests=tests, max_turns=self.cfg.max_turns,
+                                    max_action_chars=self.cfg.max_action_chars, judge=judge,
+                                    scoring=self.cfg.reward.scoring, slots=self.slots)
         self.episodes[episode_id] = episode
         return {"observation": episode.observation(), "anchor_state": episode.current.graph}
 

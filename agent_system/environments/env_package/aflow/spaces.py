@@ -1,0 +1,36 @@
+"""What env.action_space decides: the Episode class and the workflow an episode or a search starts from.
+
+One place, because three callers must agree: the worker (task roots and query episodes) and
+data_prep, whose query-mode parquet prompt must be the environment's first observation exactly
+(`query_episode(...).observation()` is that observation, built by the environment's own code).
+"""
+
+from __future__ import annotations
+
+from aflow import canvas as cv
+from aflow.benchmarks import Benchmark, Problem
+from aflow.workflows import WorkflowCode, from_source, load_workflow
+from agent_system.environments.env_package.aflow.canvas_episode import CanvasEpisode
+from agent_system.environments.env_package.aflow.episode import Episode, Scored
+
+
+def episode_class(action_space: str) -> type[Episode]:
+    return CanvasEpisode if action_space == "canvas" else Episode
+
+
+def start_workflow(action_space: str, code: bool, initial_workflow: str) -> WorkflowCode:
+    """The code space starts at env.initial_workflow; the canvas space at the compiled initial canvas."""
+    if action_space == "canvas":
+        graph, prompt = cv.compile_canvas(cv.initial(code), code)
+        return from_source(graph, prompt, name="canvas")
+    return load_workflow(initial_workflow)
+
+
+def query_episode(action_space: str, bench: Benchmark, problem: Problem, initial_workflow: str, *, llm=None,
+                  sandbox=None, tests: dict | None = None, max_turns: int = 1, max_action_chars: int = 20_000,
+                  judge=None, scoring: str = "reward", slots=None) -> Episode:
+    """A query-mode episode on one problem (without llm and sandbox: good for its observation only)."""
+    seed = start_workflow(action_space, bench.is_code, initial_workflow)
+    return episode_class(action_space)("query", bench, llm, sandbox, tests or {}, max_turns,
+                                       Scored(seed.graph, seed.prompt, 0.0), None, [], [problem], max_action_chars,
+                                       judge, scoring=scoring, slots=slots)
