@@ -5,8 +5,8 @@
             [+ diversity_weight·(how much the final workflow differs from its group's), batch-level]
 
 Task mode's return is the sum of step improvements (final score − start score); query mode's
-is the score of the workflow that ran (the code space's), or of the final canvas (the canvas space's). Every shaping weight defaults to 0 except the format
-penalty. The group diversity term needs the whole GRPO group, so it is computed over the
+is the score of the workflow that ran (code space) or of the final canvas (canvas space).
+Every shaping weight defaults to 0 except the format penalty. The group diversity term needs the whole GRPO group, so it is computed over the
 batch (`group_diversity_bonus`) rather than per episode.
 """
 
