@@ -17,7 +17,9 @@ Each backend runs in its own subprocess, so its peak memory (model load included
   default. Step seconds are verl's own `timing_s/step`; peak memory is the largest summed RSS of the whole
   process tree (driver, Ray, task runner, workers), sampled every 0.2 s.
 * trl: `trl.GRPOTrainer` (transformers `generate`, `num_generations=n`, `beta=0`, `num_iterations=1`, no
-  gradient checkpointing, `min_new_tokens` = `max_completion_length`). Needs `pip install -e .[bench]`.
+  gradient checkpointing, `min_new_tokens` = `max_completion_length`), run by bench/trl_step.py in an
+  interpreter of its own (`--trl-python`, default .venv-trl): trl cannot be installed beside verl 0.9.1
+  (see that module).
 
 The first `--warmup` steps are not timed. Output is one `name: value` per line; `ratio_verl_to_trl` > 1 means
 verl's trainer is slower. Measured once before it was retired, the home-made local trainer on the same job:
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -38,11 +41,8 @@ from pathlib import Path
 
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput
 
+from bench.trl_step import spread_reward
 from tests.toy_task import TARGETS, generate_once, prompt_text
-
-
-def spread_reward(text: str, completion_tokens: int) -> float:
-    return len(set(text.split())) / completion_tokens
 
 
 def rows(prompts: int) -> list[dict]:
@@ -139,58 +139,34 @@ def run_verl(args, work: Path) -> dict:
             "completion_len": statistics.mean(m["response_length/mean"] for m in timed), "peak_rss_mb": peak[0]}
 
 
-def run_trl(args, work: Path) -> dict:
-    from datasets import Dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    path = model_dir(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path)
-    batch = args.prompts * args.n
-    dataset = Dataset.from_list([{"prompt": r["prompt"]} for r in rows(args.prompts)])
-
-    def reward(completions, **_):
-        return [spread_reward(c[-1]["content"] if isinstance(c, list) else c, args.completion_tokens)
-                for c in completions]
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.started, self.times = 0.0, []
-
-        def on_step_begin(self, *_, **__):
-            self.started = time.monotonic()
-
-        def on_step_end(self, *_, **__):
-            self.times.append(time.monotonic() - self.started)
-
-    config = GRPOConfig(
-        output_dir=str(work / "trl"), use_cpu=True, bf16=False, fp16=False, report_to="none", save_strategy="no",
-        logging_steps=1, max_steps=args.warmup + args.steps, learning_rate=1e-6, seed=0,
-        per_device_train_batch_size=batch, gradient_accumulation_steps=1, num_generations=args.n,
-        steps_per_generation=1, num_iterations=1, beta=0.0, temperature=1.0, gradient_checkpointing=False,
-        max_completion_length=args.completion_tokens,
-        generation_kwargs={"min_new_tokens": args.completion_tokens}, dataloader_num_workers=0)
-    timer = StepTimer()
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=config, train_dataset=dataset,
-                          processing_class=tokenizer, callbacks=[timer])
-    trainer.train()
-    lengths = [h["completions/mean_length"] for h in trainer.state.log_history if "completions/mean_length" in h]
-    return {"step_s": timer.times[args.warmup:], "completion_len": statistics.mean(lengths) if lengths else None,
-            "peak_rss_mb": peak_rss_mb()}
-
-
 def child(args) -> None:
     with tempfile.TemporaryDirectory(prefix="grpo-bench-") as tmp:
-        result = (run_verl if args.run == "verl" else run_trl)(args, Path(tmp))
+        result = run_verl(args, Path(tmp))
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def spawn(backend: str, args) -> dict | str:
-    argv = [sys.executable, "-m", "bench.grpo_step", "--run", backend, "--model", args.model,
-            "--prompts", str(args.prompts), "--n", str(args.n), "--completion-tokens", str(args.completion_tokens),
-            "--steps", str(args.steps), "--warmup", str(args.warmup)]
-    proc = subprocess.run(argv, capture_output=True, text=True)
+    if backend == "verl":
+        argv = [sys.executable, "-m", "bench.grpo_step", "--run", "verl", "--model", args.model,
+                "--prompts", str(args.prompts), "--n", str(args.n), "--completion-tokens", str(args.completion_tokens),
+                "--steps", str(args.steps), "--warmup", str(args.warmup)]
+        return _result(subprocess.run(argv, capture_output=True, text=True))
+    job = {"model_dir": model_dir(args.model), "messages": [r["prompt"] for r in rows(args.prompts)],
+           "prompts": args.prompts, "n": args.n, "completion_tokens": args.completion_tokens, "steps": args.steps,
+           "warmup": args.warmup}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(job, handle)
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PYTHONPATH"] = str(root)  # bench.trl_step alone: it imports nothing else of the project
+    try:
+        return _result(subprocess.run([args.trl_python, "-m", "bench.trl_step", handle.name], capture_output=True,
+                                      text=True, cwd=root, env=env))
+    finally:
+        os.unlink(handle.name)
+
+
+def _result(proc: subprocess.CompletedProcess) -> dict | str:
     for line in proc.stdout.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT "):])
@@ -213,6 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--skip-trl", action="store_true")
+    parser.add_argument("--trl-python", default=str(Path(__file__).resolve().parent.parent / ".venv-trl/bin/python"),
+                        help="an interpreter with trl (not this one: see bench/trl_step.py); default .venv-trl")
     parser.add_argument("--run", choices=["verl", "trl"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.run:
@@ -224,10 +202,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.skip_trl:
         results["trl"] = "skipped (--skip-trl)"
     else:
-        try:
-            import trl  # noqa: F401
-        except ImportError:
-            results["trl"] = "not installed: pip install -e .[bench]"
+        if not Path(args.trl_python).is_file():
+            results["trl"] = (f"no {args.trl_python}: python -m venv .venv-trl && "
+                              ".venv-trl/bin/pip install torch==2.13.0 trl==1.16.0")
         else:
             results["trl"] = spawn("trl", args)
     for backend, result in results.items():
