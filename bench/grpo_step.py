@@ -58,12 +58,13 @@ class FixedLengthLoop(AgentLoopBase):
     """One generation of exactly `max_tokens` tokens per row (EOS ignored), rewarded by `spread_reward`."""
 
     async def run(self, sampling_params, **kwargs) -> AgentLoopOutput:
-        params = {**sampling_params, "ignore_eos": True}
+        tokens = self.rollout_config.response_length  # every completion exactly this long
+        params = {**sampling_params, "ignore_eos": True, "max_tokens": tokens}
         prompt_ids, out = await generate_once(self, params, kwargs)
         text = self.tokenizer.decode(out.token_ids, skip_special_tokens=True)
         return AgentLoopOutput(prompt_ids=prompt_ids, response_ids=list(out.token_ids),
                                response_mask=[1] * len(out.token_ids), response_logprobs=out.log_probs,
-                               reward_score=spread_reward(text, params["max_tokens"]), num_turns=2,
+                               reward_score=spread_reward(text, tokens), num_turns=2,
                                metrics=AgentLoopMetrics())
 
 

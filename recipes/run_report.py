@@ -1,5 +1,6 @@
 """What a training run prints and leaves behind, as the main job promises a newcomer: one line per step
-(reward, loss, seconds, GRPO groups with a reward spread, failed episodes), then the checkpoint and a PNG
+(reward, loss, seconds, GRPO groups with a reward spread, failed episodes, the share of the policy's
+actions the environment accepted), then the checkpoint and a PNG
 of reward per step, with `summary.json`, in `trainer.default_local_dir`.
 
 It runs inside verl's task-runner process (the one that runs `RayPPOTrainer.fit`) and watches two points
@@ -32,6 +33,9 @@ class RunReport:
         failed = data.non_tensor_batch.get("episode_failed")
         self._batch = {"groups": len(groups), "spread": sum(max(g) > min(g) for g in groups.values()),
                        "failed": int(sum(bool(f) for f in failed)) if failed is not None else 0}
+        penalties = [p for row in data.non_tensor_batch.get("step_penalties", []) for p in (row or [])]
+        if penalties:  # the policy's turns that the environment accepted (a penalised turn was rejected)
+            self._batch["valid"] = sum(p == 0 for p in penalties) / len(penalties)
 
     def on_log(self, metrics: dict[str, Any], step: int) -> None:
         if "critic/score/mean" not in metrics:  # a validation-only log call
@@ -40,8 +44,9 @@ class RunReport:
                "loss": float(metrics.get("actor/pg_loss", float("nan"))),
                "seconds": float(metrics.get("timing_s/step", float("nan"))), **self._batch}
         self.history.append(row)
-        batch = (f" (groups with a reward spread: {row['spread']}/{row['groups']}; failed episodes: {row['failed']})"
-                 if self._batch else "")
+        valid = f"; valid actions: {row['valid']:.0%}" if "valid" in row else ""
+        batch = (f" (groups with a reward spread: {row['spread']}/{row['groups']}; failed episodes: {row['failed']}"
+                 f"{valid})" if self._batch else "")
         print(f"step {step}: reward {row['reward']:.4f}, loss {row['loss']:.4f}, {row['seconds']:.1f} s{batch}",
               flush=True)
         self._batch = {}
