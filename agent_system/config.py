@@ -42,6 +42,7 @@ class GiGPOConfig:
 @dataclass
 class EnvConfig:
     mode: str = "task"  # "task": a multi-turn AFlow optimization episode; "query": one problem per episode
+    action_space: str = "code"  # "code": the policy writes graph.py; "canvas": one aflow.canvas action per turn
     max_turns: int = 3
     eval_subset_size: int = 20  # validation problems that score a task-mode step
     history_length: int = 2  # past turns shown in the observation
@@ -83,6 +84,8 @@ def _build(cls, data: dict, where: str):
     config = cls(**values)
     if isinstance(config, EnvConfig) and config.mode not in ("task", "query"):
         raise ValueError(f"env.mode must be 'task' or 'query', not {config.mode!r}")
+    if isinstance(config, EnvConfig) and config.action_space not in ("code", "canvas"):
+        raise ValueError(f"env.action_space must be 'code' or 'canvas', not {config.action_space!r}")
     if isinstance(config, RewardConfig):
         from aflow.benchmarks import SCORING_VARIANTS
 

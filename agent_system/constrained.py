@@ -186,6 +186,7 @@ _CACHE_LOCK = threading.Lock()
 def token_constraint(tokenizer, name: str, vocab_size: int | None = None) -> TokenConstraint:
     """The constraint for grammar `name` over `tokenizer`, built once (the cache holds the tokenizer, so its
     id is never reused by another while the entry lives)."""
+    vocab_size = int(vocab_size if vocab_size is not None else len(tokenizer))
     key = (id(tokenizer), name, vocab_size)
     with _CACHE_LOCK:
         hit = _CACHE.get(key)

@@ -6,6 +6,14 @@ appended as a user message whose tokens are masked 0. The output carries the epi
 reward (so verl skips reward workers) and, for workflow-GiGPO, each turn's token span,
 anchor state and step reward in `extra_fields`. A worker that dies or times out ends the
 episode as failed with the reason; the trainer gets an output either way and never hangs.
+
+With `env.action_space: canvas` on the CPU rollout (`rollout.name: cpu`) decoding is constrained to the
+canvas action grammar of the benchmark's family (`aflow_grammar`, `agent_system.constrained`), so every
+action that ends within the token budget parses. The environment then gets exactly the characters the
+grammar walked (`TokenConstraint.text`), and `extra_fields` carry `constraint_grammar` and
+`constraint_states` (the grammar state before each response token, -1 on environment tokens) for the
+trainer's constrained log-probs (`agent_system.verl_cpu.constrained_engine`). Other rollouts (vLLM) do
+not know the key, so there the canvas actions are sampled unconstrained and both fields stay empty.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register
 
 from agent_system.config import EnvConfig
+from agent_system.constrained import grammar_name, token_constraint
 from agent_system.environments.env_package.aflow.manager import AFlowEnvironmentManager
 from agent_system.environments.env_package.aflow.worker import forget_worker, route, worker_handle
 from agent_system.reward import episode_reward, operators_used, step_penalty
@@ -49,6 +58,14 @@ class AFlowAgentLoop(AgentLoopBase):
         self.env_cfg = EnvConfig.from_dict(self.env_dict)
         self.response_length = self.rollout_config.response_length
         self.actor_timeout = self.env_cfg.actor_timeout_s
+
+    def _grammar(self, benchmark: str) -> str:
+        """The grammar to decode with ("" for none): canvas actions, on the one rollout that constrains."""
+        if self.env_cfg.action_space != "canvas" or getattr(self.rollout_config, "name", None) != "cpu":
+            return ""
+        from aflow.benchmarks import get_benchmark
+
+        return grammar_name(get_benchmark(benchmark).is_code)
 
     def _cap_text_prompt_length(self, prompt_ids: list[int]) -> list[int]:
         """verl's hook on the first prompt: it cuts an over-long one from the left with a log warning.
@@ -89,6 +106,11 @@ class AFlowAgentLoop(AgentLoopBase):
             return self._failed_output(list(kwargs["raw_prompt"]), reason)
         response_mask: list[int] = []
         logprobs: list[float] = []
+        grammar = self._grammar(benchmark)
+        constraint = token_constraint(self.tokenizer, grammar) if grammar else None
+        if constraint is not None:
+            sampling_params = {**sampling_params, "aflow_grammar": grammar}
+        states: list[int] = []  # per response token: the grammar state before it, -1 when unconstrained
         spans, anchors, step_rewards, penalties = [], [], [], []
         generate_s = env_s = 0.0
         for _ in range(self.env_cfg.max_turns):
@@ -97,13 +119,18 @@ class AFlowAgentLoop(AgentLoopBase):
                                                         sampling_params=sampling_params)
             generate_s += time.monotonic() - t0
             start = len(response_mask)
+            mask_before = response_mask
             merged, response_mask, merged_logprobs = await self.ct_merge_assistant_token(
                 prompt_ids, output.token_ids, response_mask, logprobs if (logprobs or output.log_probs) else None,
                 assistant_logprobs=output.log_probs or None)
             prompt_ids = merged.token_ids
             logprobs = merged_logprobs or []
             spans.append([start, len(response_mask)])
-            text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True)
+            if constraint is not None:
+                text = constraint.text(output.token_ids)
+                states = self._align_states(merged, mask_before, states, constraint.states(output.token_ids))
+            else:
+                text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True)
             messages.append({"role": "assistant", "content": text})
             t0 = time.monotonic()
             try:
@@ -125,8 +152,11 @@ class AFlowAgentLoop(AgentLoopBase):
                 break
             previous = list(messages)
             messages.append(manager.user_message(step["observation"]))
+            mask_before = response_mask
             merged, response_mask, merged_logprobs = await self.ct_merge_context_msg(
                 previous, messages, prompt_ids, response_mask, logprobs or None)
+            if constraint is not None:
+                states = self._align_states(merged, mask_before, states)
             prompt_ids = merged.token_ids
             logprobs = merged_logprobs or []
             if len(response_mask) >= self.response_length:
@@ -161,8 +191,20 @@ class AFlowAgentLoop(AgentLoopBase):
                 "reward_components": components,
                 "final_operators": sorted(operators_used(summary.get("final_graph", ""))),
                 "episode_seconds": time.monotonic() - started,
+                "constraint_grammar": grammar,
+                "constraint_states": states[: self.response_length],
             },
         )
+
+    def _align_states(self, merged, mask_before: list[int], states: list[int],
+                      assistant_states: list[int] | None = None) -> list[int]:
+        """`states` after a Continuous Token merge, edited exactly as verl edits the log-probs (trimmed
+        prefix tokens dropped, inserted and context tokens unconstrained), by running verl's own alignment
+        on the states shifted by one (its filler 0 then means -1)."""
+        _, shifted = self.continuous_token_builder.align_response_metadata(
+            merged, mask_before, [s + 1 for s in states],
+            assistant_logprobs=None if assistant_states is None else [s + 1 for s in assistant_states])
+        return [int(s) - 1 for s in shifted]
 
     def _failed_output(self, messages: list[dict], reason: str) -> AgentLoopOutput:
         """An episode the environment could not start: the seed prompt, one masked token, reward 0."""
@@ -176,7 +218,8 @@ class AFlowAgentLoop(AgentLoopBase):
             reward_score=0.0, num_turns=1, metrics=AgentLoopMetrics(),
             extra_fields={"turn_spans": [], "anchors": [], "step_rewards": [], "step_penalties": [],
                           "episode_failed": reason,
-                          "reward_components": {"return": 0.0}, "final_operators": [], "episode_seconds": 0.0},
+                          "reward_components": {"return": 0.0}, "final_operators": [], "episode_seconds": 0.0,
+                          "constraint_grammar": "", "constraint_states": []},
         )
 
 
