@@ -330,3 +330,25 @@ def test_engine_leaves_unconstrained_batches_to_verl(samples, policy, prompt_ids
     ours = engine.prepare_model_outputs(output, output_args, td, None)["log_probs"]
     theirs = FSDPEngineWithLMHead.prepare_model_outputs(engine, output, output_args, td, None)["log_probs"]
     assert torch.equal(ours.values(), theirs.values())
+
+
+# ----------------------------------------------------------------------------- the agent loop's bookkeeping
+
+
+def test_agent_loop_keeps_states_aligned_with_verls_merges(policy):
+    """Constraint states follow the response through verl's Continuous Token merges exactly as its
+    log-probs do: a trimmed prefix token drops its state, inserted and context tokens get -1."""
+    from verl.utils.tokenizer.continuous_token import ContinuousTokenBuilder, MergeResult
+
+    from agent_system.agent_loop.aflow_agent_loop import AFlowAgentLoop
+
+    _, tokenizer = policy
+    loop = SimpleNamespace(continuous_token_builder=ContinuousTokenBuilder(tokenizer))
+    align = AFlowAgentLoop._align_states
+    states = align(loop, MergeResult([1, 2, 3], 3, "assistant"), [], [], [0, 7, 9])
+    assert states == [0, 7, 9]
+    states = align(loop, MergeResult([1, 2, 5, 6], 2, "context", removed_prefix_token_count=1,
+                                     inserted_token_ids=[4]), [1, 1, 1], states)
+    assert states == [0, 7, -1, -1, -1]
+    states = align(loop, MergeResult([0] * 7, 2, "assistant"), [1, 1, 0, 0, 0], states, [0, 3])
+    assert states == [0, 7, -1, -1, -1, 0, 3]
