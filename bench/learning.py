@@ -108,7 +108,9 @@ def train(args, name: str, lr: float, train_file: Path, heldout: Path, out: Path
     validations = {}
     for dump in dumps:
         rows = [json.loads(line) for line in dump.read_text().splitlines() if line.strip()]
-        validations[int(dump.stem)] = [float(r.get("episode_return", r["score"])) for r in rows]
+        # an episode the environment failed ran no workflow: it counts as 0 (NaN in the dump)
+        validations[int(dump.stem)] = [float(r["episode_return"]) if r["episode_return"] == r["episode_return"]
+                                       else 0.0 for r in rows]
     return {"history": summary["history"], "validations": validations, "seconds": time.monotonic() - started}
 
 

@@ -89,6 +89,43 @@ def test_engine_registry_and_fsdp_engines():
             assert EngineRegistry._engines[model_type][backend]["cuda"] is engine
 
 
+def test_constrained_engine_points():
+    """What ConstrainedFSDPEngineWithLMHead relies on: the hook's signature and its call, the output_args
+    names of the temperature, the packed log-prob layout it corrects, the response slice, per-sample
+    non-tensor fields read back as lists, and the tokenizer on the model config."""
+    from verl.workers.config.model import HFModelConfig
+    from verl.workers.engine.fsdp import transformer_impl
+    from verl.workers.utils import padding
+
+    engine = transformer_impl.FSDPEngineWithLMHead
+    assert _params(engine.prepare_model_outputs) == ["self", "output", "output_args", "micro_batch",
+                                                     "logits_processor_func"]
+    assert "model_output = self.prepare_model_outputs(\n" in inspect.getsource(engine.forward_step)
+    inputs = inspect.getsource(engine.prepare_model_inputs)
+    assert 'output_args["temperature_rmpad"] = temperature_rmpad' in inputs
+    assert 'output_args["temperature"] = temperature' in inputs
+    assert "input_ids_rmpad_rolled = torch.roll(input_ids_rmpad, shifts=-1, dims=1)" in inputs
+    outputs = inspect.getsource(engine.prepare_model_outputs)
+    assert "log_probs = torch.nested.nested_tensor_from_jagged(log_probs, cu_seqlens)" in outputs
+    assert 'model_output["log_probs"] = log_probs' in outputs
+    assert "values[seq_offset - resp_len - 1 : seq_offset - 1]" in inspect.getsource(padding.no_padding_2_padding)
+    assert "tokenizer" in HFModelConfig.__dataclass_fields__
+
+    import numpy as np
+    import torch
+    from verl import DataProto
+    from verl.utils import tensordict_utils as tu
+
+    states = np.empty(3, dtype=object)
+    states[:] = [[0, 5, -1], [2, 3], []]
+    batch = DataProto.from_dict(tensors={"x": torch.zeros(3, 1)}, non_tensors={
+        "constraint_states": states, "constraint_grammar": np.array(["canvas-answer", "canvas-code", ""],
+                                                                    dtype=object)}).to_tensordict()
+    picked = tu.index_select_tensor_dict(batch, [2, 0])
+    assert tu.get(picked, "constraint_states") == [[], [0, 5, -1]]
+    assert tu.get(picked, "constraint_grammar") == ["", "canvas-answer"]
+
+
 def test_fsdp2_reference_offload_policy_is_pinned_by_name():
     from verl.workers.engine.fsdp import transformer_impl
 
@@ -168,7 +205,7 @@ BaseCheckpointManager.load_rng_state(BaseCheckpointManager.get_rng_state())  # w
     result = _fresh(code, VERL_USE_EXTERNAL_MODULES="agent_system.verl_cpu", VERL_PLATFORM="cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
-    assert seen == {"device": "cpu", "device_id": "cpu", "engine": "FSDPEngineWithLMHead",
+    assert seen == {"device": "cpu", "device_id": "cpu", "engine": "ConstrainedFSDPEngineWithLMHead",
                     "value_engine": "FSDPEngineWithValueHead", "pg_backend": "cpu:gloo", "pinned": False,
                     "adapter": "CPUServerAdapter", "replica": "CPUReplica"}
 

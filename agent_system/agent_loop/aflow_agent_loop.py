@@ -7,6 +7,14 @@ reward (so verl skips reward workers) and, for workflow-GiGPO, each turn's token
 anchor state and step reward in `extra_fields`. A worker that dies or times out ends the
 episode as failed with the reason; the trainer gets an output either way and never hangs, with
 the episode's tokens masked and the reward of one invalid answer (`_failed_reward`).
+
+With `env.action_space: canvas` on the CPU rollout (`rollout.name: cpu`) decoding is constrained to the
+canvas action grammar of the benchmark's family (`aflow_grammar`, `agent_system.constrained`), so every
+action that ends within the token budget parses. The environment then gets exactly the characters the
+grammar walked (`TokenConstraint.text`), and `extra_fields` carry `constraint_grammar` and
+`constraint_states` (the grammar state before each response token, -1 on environment tokens) for the
+trainer's constrained log-probs (`agent_system.verl_cpu.constrained_engine`). Other rollouts (vLLM) do
+not know the key, so there the canvas actions are sampled unconstrained and both fields stay empty.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register
 
 from agent_system.config import EnvConfig
+from agent_system.constrained import grammar_name, token_constraint
 from agent_system.environments.env_package.aflow.manager import AFlowEnvironmentManager
 from agent_system.environments.env_package.aflow.worker import forget_worker, route, worker_handle
 from agent_system.reward import episode_reward, operators_used, step_penalty
@@ -50,6 +59,14 @@ class AFlowAgentLoop(AgentLoopBase):
         self.env_cfg = EnvConfig.from_dict(self.env_dict)
         self.response_length = self.rollout_config.response_length
         self.actor_timeout = self.env_cfg.actor_timeout_s
+
+    def _grammar(self, benchmark: str) -> str:
+        """The grammar to decode with ("" for none): canvas actions, on the one rollout that constrains."""
+        if self.env_cfg.action_space != "canvas" or getattr(self.rollout_config, "name", None) != "cpu":
+            return ""
+        from aflow.benchmarks import get_benchmark
+
+        return grammar_name(get_benchmark(benchmark).is_code)
 
     def _cap_text_prompt_length(self, prompt_ids: list[int]) -> list[int]:
         """verl's hook on the first prompt: it cuts an over-long one from the left with a log warning.
@@ -90,6 +107,11 @@ class AFlowAgentLoop(AgentLoopBase):
             return self._failed_output(list(kwargs["raw_prompt"]), reason)
         response_mask: list[int] = []
         logprobs: list[float] = []
+        grammar = self._grammar(benchmark)
+        constraint = token_constraint(self.tokenizer, grammar) if grammar else None
+        if constraint is not None:
+            sampling_params = {**sampling_params, "aflow_grammar": grammar}
+        states: list[int] = []  # per response token: the grammar state before it, -1 when unconstrained
         spans, anchors, step_rewards, penalties = [], [], [], []
         generate_s = env_s = 0.0
         for _ in range(self.env_cfg.max_turns):
@@ -98,13 +120,18 @@ class AFlowAgentLoop(AgentLoopBase):
                                                         sampling_params=sampling_params)
             generate_s += time.monotonic() - t0
             start = len(response_mask)
+            mask_before = response_mask
             merged, response_mask, merged_logprobs = await self.ct_merge_assistant_token(
                 prompt_ids, output.token_ids, response_mask, logprobs if (logprobs or output.log_probs) else None,
                 assistant_logprobs=output.log_probs or None)
             prompt_ids = merged.token_ids
             logprobs = merged_logprobs or []
             spans.append([start, len(response_mask)])
-            text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True)
+            if constraint is not None:
+                text = constraint.text(output.token_ids)
+                states = self._align_states(merged, mask_before, states, constraint.states(output.token_ids))
+            else:
+                text = self.tokenizer.decode(output.token_ids, skip_special_tokens=True)
             messages.append({"role": "assistant", "content": text})
             t0 = time.monotonic()
             try:
@@ -126,8 +153,11 @@ class AFlowAgentLoop(AgentLoopBase):
                 break
             previous = list(messages)
             messages.append(manager.user_message(step["observation"]))
+            mask_before = response_mask
             merged, response_mask, merged_logprobs = await self.ct_merge_context_msg(
                 previous, messages, prompt_ids, response_mask, logprobs or None)
+            if constraint is not None:
+                states = self._align_states(merged, mask_before, states)
             prompt_ids = merged.token_ids
             logprobs = merged_logprobs or []
             if len(response_mask) >= self.response_length:
@@ -163,6 +193,9 @@ class AFlowAgentLoop(AgentLoopBase):
                 "reward_components": components,
                 "final_operators": sorted(operators_used(summary.get("final_graph", ""))),
                 "episode_seconds": time.monotonic() - started,
+                "constraint_grammar": grammar,
+                "constraint_states": states[: self.response_length],
+                "reward_extra_info": episode_info(components, penalties, failed),
             },
         )
 
@@ -174,6 +207,16 @@ class AFlowAgentLoop(AgentLoopBase):
         the worker fail, the group's other answers would look worse next to it. At -format_penalty a failure
         is never worth more than one invalid answer."""
         return -abs(self.env_cfg.reward.format_penalty)
+
+    def _align_states(self, merged, mask_before: list[int], states: list[int],
+                      assistant_states: list[int] | None = None) -> list[int]:
+        """`states` after a Continuous Token merge, edited exactly as verl edits the log-probs (trimmed
+        prefix tokens dropped, inserted and context tokens unconstrained), by running verl's own alignment
+        on the states shifted by one (its filler 0 then means -1)."""
+        _, shifted = self.continuous_token_builder.align_response_metadata(
+            merged, mask_before, [s + 1 for s in states],
+            assistant_logprobs=None if assistant_states is None else [s + 1 for s in assistant_states])
+        return [int(s) - 1 for s in shifted]
 
     def _failed_output(self, messages: list[dict], reason: str) -> AgentLoopOutput:
         """An episode the environment could not start: the seed prompt, one masked token, the failure reward."""
@@ -187,8 +230,21 @@ class AFlowAgentLoop(AgentLoopBase):
             reward_score=self._failed_reward(), num_turns=1, metrics=AgentLoopMetrics(),
             extra_fields={"turn_spans": [], "anchors": [], "step_rewards": [], "step_penalties": [],
                           "episode_failed": reason,
-                          "reward_components": {"return": 0.0}, "final_operators": [], "episode_seconds": 0.0},
+                          "reward_components": {"return": 0.0}, "final_operators": [], "episode_seconds": 0.0,
+                          "constraint_grammar": "", "constraint_states": [],
+                          "reward_extra_info": episode_info({"return": 0.0}, [], reason)},
         )
+
+
+def episode_info(components: dict, penalties: list[float], failed: str | None) -> dict[str, float]:
+    """Per-episode numbers verl carries as `reward_extra_info`: it logs their means (validation included,
+    `val-aux/...`) and writes them into `trainer.validation_data_dir` dumps. `episode_return` is the score
+    the episode's workflows earned, before any shaping or penalty (query mode: the final workflow's score);
+    `valid_actions` the share of the policy's turns the environment accepted. Every output carries the
+    same keys (verl takes them from the first). NaN where there is nothing to measure: a failed episode."""
+    nan = float("nan")
+    return {"episode_return": nan if failed else float(components.get("return", 0.0)),
+            "valid_actions": nan if failed or not penalties else sum(p == 0 for p in penalties) / len(penalties)}
 
 
 def _reason(exc: BaseException) -> str:

@@ -17,8 +17,8 @@ What it reproduces from verl's vLLM server (`vllm_rollout/vllm_async_server.py`)
   `presence_penalty`, `frequency_penalty`, `logprobs` (truthy -> return log-probs, else `log_probs=None`),
   `max_tokens` (or sglang-style `max_new_tokens`), `seed`, `stop_token_ids`, `stop` (strings), `ignore_eos`,
   `min_tokens`, `allowed_token_ids` (only these can be sampled: the rest are masked to -inf before sampling,
-  so "processed_logprobs" are over the allowed set). The dict is copied, never mutated. Without `max_tokens`
-  the budget is
+  so "processed_logprobs" are over the allowed set), `aflow_grammar` (this project's key, see below). The dict
+  is copied, never mutated. Without `max_tokens` the budget is
   `min(response_length, prompt_length + response_length - len(prompt))` (or `response_length` when no
   prompt_length is known), clamped to `[1, max_model_len - len(prompt)]`; a prompt that leaves no room raises.
 - temperature < 1e-5 is greedy (argmax). Otherwise: penalties, then logits / temperature, min_p, top-k, top-p,
@@ -28,6 +28,16 @@ What it reproduces from verl's vLLM server (`vllm_rollout/vllm_async_server.py`)
 - `stop_reason="completed"` for both "stop" and "length" (verl's mapping); `num_preempted=0`; `extra_fields`
   carries `global_steps`, `min_global_steps`, `max_global_steps` (what `LLMServerClient.generate` adds) and
   `num_cached_tokens=0`. `routed_experts=None` (dense model).
+
+Constrained decoding (`aflow_grammar`: a grammar name of `agent_system.constrained.GRAMMARS`, "canvas-answer"
+or "canvas-code"): the output is one canvas action. At each step the tokens the grammar does not allow after
+the text so far (`TokenConstraint.allowed`) are masked to -inf before sampling, composed with
+`allowed_token_ids` like its mask, before penalties and top-k/p; EOS is allowed only where the action is
+complete, and only EOS after its trailing newline. Generation stops at that EOS (also under `ignore_eos`);
+`min_tokens` does not apply (the grammar decides the length). So every action that ends within `max_tokens`
+parses, and "processed_logprobs" are log-probs under the masked distribution the tokens were drawn from
+(verl's actor recomputes the same with `agent_system.verl_cpu.constrained_engine`). `raw_logprobs` stay the
+unconstrained model's. Only this backend knows the key; vLLM would warn and ignore it.
 
 Log-prob convention (`logprobs_mode`, verl's `rollout.logprobs_mode`, default "processed_logprobs"): the returned
 value for each sampled token is its natural-log probability under the distribution it was actually sampled from,
@@ -75,6 +85,8 @@ from verl.utils import normalize_token_ids
 from verl.workers.rollout.llm_server import LLMServerClient
 from verl.workers.rollout.replica import TokenOutput
 
+from agent_system.constrained import TokenConstraint, token_constraint
+
 logger = logging.getLogger(__name__)
 
 SAMPLING_EPS = 1e-5
@@ -107,6 +119,7 @@ _SUPPORTED_KEYS = frozenset(
         "ignore_eos",
         "min_tokens",
         "allowed_token_ids",
+        "aflow_grammar",
         "n",
     }
 )
@@ -133,6 +146,7 @@ class _Request:
     stop_strings: tuple[str, ...]
     min_tokens: int
     allowed_ids: tuple[int, ...] | None = None
+    constraint: TokenConstraint | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -355,6 +369,10 @@ class CPUServerManager(LLMServerClient):
             if not allowed_ids or allowed_ids[0] < 0 or allowed_ids[-1] >= vocab:
                 raise ValueError(f"allowed_token_ids must be a non-empty list of token ids in [0, {vocab})")
 
+        constraint = None
+        if params.get("aflow_grammar"):
+            constraint = token_constraint(self.tokenizer, str(params["aflow_grammar"]), self._vocab_size())
+
         seed = params.get("seed")
         if seed is None and self.base_seed is not None:
             if self.full_determinism:
@@ -380,8 +398,9 @@ class CPUServerManager(LLMServerClient):
             seed=int(seed),
             stop_ids=frozenset(stop_ids),
             stop_strings=stop_strings,
-            min_tokens=int(_value(params, "min_tokens", 0)),
+            min_tokens=0 if constraint is not None else int(_value(params, "min_tokens", 0)),
             allowed_ids=allowed_ids,
+            constraint=constraint,
         )
 
     def _vocab_size(self) -> int:
@@ -529,20 +548,38 @@ class _Row:
         if request.allowed_ids is not None:
             self.disallowed = torch.ones(vocab, dtype=torch.bool)
             self.disallowed[torch.tensor(request.allowed_ids, dtype=torch.long)] = False
+        self.grammar_state = None if request.constraint is None else request.constraint.start
         self.token_ids: list[int] = []
         self.log_probs: list[float] = []
         self.done = False
 
+    def _disallowed(self) -> torch.Tensor | None:
+        """The user's `allowed_token_ids` mask, joined by the grammar's at the current state."""
+        constraint = self.request.constraint
+        if constraint is None:
+            return self.disallowed
+        outside = ~constraint.allowed(self.grammar_state)
+        if self.disallowed is not None:
+            outside = outside | self.disallowed
+            if bool(outside.all()):
+                raise ValueError("allowed_token_ids leaves no token the grammar allows here")
+        return outside
+
     def step(self, server: CPUServerManager, logits: torch.Tensor) -> None:
         request = self.request
         token, log_prob = server._sample(logits, request, self.generator, self.seen, self.counts, self.stop_mask,
-                                         len(self.token_ids), self.disallowed)
+                                         len(self.token_ids), self._disallowed())
         self.token_ids.append(token)
         self.log_probs.append(log_prob)
         self.seen[token] = True
         self.counts[token] += 1
+        if request.constraint is not None:
+            self.grammar_state = request.constraint.advance(self.grammar_state, token)
+            if self.grammar_state is None:  # the mask makes this impossible
+                raise RuntimeError(f"sampled token {token}, which the grammar does not allow")
         self.done = (
-            len(self.token_ids) >= request.max_tokens
+            self.grammar_state == TokenConstraint.END
+            or len(self.token_ids) >= request.max_tokens
             or (token in request.stop_ids and len(self.token_ids) >= request.min_tokens)
             or bool(request.stop_strings and server._hit_stop_string(self.token_ids, request.stop_strings))
         )

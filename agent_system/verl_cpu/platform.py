@@ -9,7 +9,9 @@ for this purpose or, where verl has no such point, rebinds one name verl looks u
    memory/stream/seed calls are no-ops. `current_device()` is the string "cpu", because verl passes
    `get_device_id()` straight to `Tensor.to()`, where the int 0 would mean cuda:0.
 2. `EngineRegistry`: verl registers its FSDP engines for cuda/npu only; the same classes are registered
-   for device "cpu" (the engine is device-agnostic once the platform answers "cpu").
+   for device "cpu" (the engine is device-agnostic once the platform answers "cpu"), the language model's
+   as `constrained_engine.ConstrainedFSDPEngineWithLMHead` (verl's engine plus the grammar constraint of
+   the CPU rollout's `aflow_grammar`; unchanged for batches without one).
 3. `initialize_global_process_group_ray` builds the backend string "cpu:gloo,{device}:{backend}", which is
    "cpu:gloo,cpu:gloo" here and torch rejects ("Duplicate device type cpu"). The function is wrapped so
    that, on the cpu platform only, the backend is "cpu:gloo". It is rebound in `verl.utils.distributed`
@@ -192,7 +194,10 @@ def _register_engines() -> None:
     from verl.workers.engine.base import EngineRegistry
     from verl.workers.engine.fsdp import transformer_impl
 
-    engines = {"language_model": transformer_impl.FSDPEngineWithLMHead,
+    from agent_system.verl_cpu.constrained_engine import ConstrainedFSDPEngineWithLMHead
+
+    # the language model recomputes log-probs under the rollout's grammar constraint, when a batch has one
+    engines = {"language_model": ConstrainedFSDPEngineWithLMHead,
                "value_model": transformer_impl.FSDPEngineWithValueHead}
     for model_type, engine in engines.items():
         for backend in ("fsdp", "fsdp2"):
