@@ -18,3 +18,18 @@ def action(n: int, instruction: str = "Give only the final number.") -> str:
     """A valid optimizer/policy answer whose modification and prompt differ with n."""
     return (f"<modification>Answer style {n}.</modification><graph>{GRAPH}</graph>"
             f"<prompt>STYLE = '{instruction} v{n}'</prompt>")
+
+
+def operator_reply(content: str, answer: str) -> str | None:
+    """A scripted executor's reply to the operators whose template it recognises in `content` (ScEnsemble,
+    Review that always fails, Revise, Format), giving `answer` where one is asked for; None for the others
+    (the generators), which each test answers its own way."""
+    if "<solution_letter>" in content:
+        return "<solution_letter>B</solution_letter>"
+    if "Is this solution correct?" in content:
+        return "<review_result>false</review_result><feedback>Check again.</feedback>"
+    if "Review feedback:" in content:
+        return f"<solution>{answer}</solution>"
+    if "Give only the final answer" in content:  # Format
+        return answer
+    return None

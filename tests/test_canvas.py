@@ -38,6 +38,7 @@ from aflow.canvas import (
 )
 from aflow.canvas.grammar import keyword_lines
 from aflow.workflows import from_source
+from tests.samples import operator_reply
 
 GRAMMAR = Grammar()
 needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux-only")
@@ -395,14 +396,9 @@ def _scripted_reply(problems):
 
     def reply(messages):
         content = messages[-1]["content"]
-        if "<solution_letter>" in content:
-            return "<solution_letter>B</solution_letter>"
-        if "Is this solution correct?" in content:
-            return "<review_result>false</review_result><feedback>Check again.</feedback>"
-        if "Review feedback:" in content:
-            return f"<solution>{answer_for(content)}</solution>"
-        if "Give only the final answer" in content:
-            return answer_for(content)
+        routed = operator_reply(content, answer_for(content))
+        if routed is not None:
+            return routed
         if "defining `solve()`" in content:
             return f"```python\ndef solve():\n    return {answer_for(content)!r}\n```"
         for problem in problems:

@@ -19,6 +19,7 @@ from agent_system.config import EnvConfig
 from agent_system.environments.env_package.aflow.canvas_episode import CanvasEpisode
 from agent_system.reward import episode_reward, operators_used
 from tests.fake_openai import FakeOpenAI
+from tests.samples import operator_reply
 from tests.test_canvas import GRAMMAR, needs_linux, random_accepted
 
 pytestmark = needs_linux
@@ -43,14 +44,9 @@ def scripted(problems):
 
     def reply(messages):
         content = messages[-1]["content"]
-        if "<solution_letter>" in content:
-            return "<solution_letter>B</solution_letter>"
-        if "Is this solution correct?" in content:
-            return "<review_result>false</review_result><feedback>Check again.</feedback>"
-        if "Review feedback:" in content:
-            return f"<solution>{answer_for(content)}</solution>"
-        if "Give only the final answer" in content:  # Format
-            return answer_for(content)
+        routed = operator_reply(content, answer_for(content))
+        if routed is not None:
+            return routed
         return f"<thought>steps</thought><answer>{answer_for(content)}</answer>"
 
     return reply
