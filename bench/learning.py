@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+RESPONSE_TOKENS = 192  # two canvas actions and the environment's reply between them (as preset cpu-local)
 
 
 def run(argv: list[str], log: Path, env: dict | None = None) -> None:
@@ -98,6 +99,10 @@ def train(args, name: str, lr: float, train_file: Path, heldout: Path, out: Path
         f"trainer.validation_data_dir={out / 'validation'}", f"trainer.experiment_name=learning-{name}",
         f"env.data_dir={args.data_dir}", "data.filter_overlong_prompts=true",
         f"data.max_prompt_length={args.max_prompt_length}",
+        f"data.max_response_length={RESPONSE_TOKENS}",
+        f"actor_rollout_ref.rollout.max_model_len={args.max_prompt_length + RESPONSE_TOKENS}",
+        f"actor_rollout_ref.rollout.max_num_batched_tokens={args.max_prompt_length + RESPONSE_TOKENS}",
+        f"actor_rollout_ref.rollout.max_num_seqs={args.batch * args.n}",
     ]
     env = {**os.environ, "AFLOW_RUNS_DIR": str(out / "runs")}
     env.pop("RAY_ADDRESS", None)
