@@ -337,3 +337,27 @@ def test_canvas_task_mode_through_ray_actors(ray_cluster, embedded_executor, dat
 
     summaries, tree = asyncio.run(go())
     assert len(tree) == 2 and [t["modification"] for t in summaries[0]["turns"]] == ["ENSEMBLE 1 2", "FINISH"]
+
+
+def test_task_mode_cannot_farm_credit_by_cycling_back_to_a_visited_canvas(data_dir, tmp_path):
+    """Adversarial: a policy that worsens the workflow and then undoes it would collect +Δ for the undo each
+    time round. Returning to any canvas the episode has been at is rejected (format penalty, no score), so
+    the return stays final - start: 0 for a lap that ends where it began, the reference edit earns +0.5."""
+    with FakeOpenAI() as fake:
+        fake.reply = scripted(gsm8k_problems(data_dir, 2))
+        worker = worker_of(fake, data_dir, tmp_path, max_turns=2)
+
+        async def go():
+            await worker.reset("c", "uid-c", {"extra_info": {"benchmark": "gsm8k"}})
+            steps = [await worker.step("c", text) for text in ("ADD FORMAT", "DELETE 2")]
+            summary = await worker.close("c")
+            await worker.shutdown()
+            return steps, summary
+
+        steps, summary = asyncio.run(go())
+    away, back = steps
+    assert away["info"]["valid"]
+    assert not back["info"]["valid"] and "already tried" in back["info"]["reason"] and back["reward"] == 0.0
+    total, parts = episode_reward(summary, EnvConfig().reward)
+    assert parts["return"] == pytest.approx(away["reward"])  # only the one edit's change, never a lap's
+    assert total <= parts["return"] - 0.1
