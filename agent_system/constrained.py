@@ -218,10 +218,3 @@ def log_allowed_mass(logits: torch.Tensor, states: torch.Tensor, constraint: Tok
     allowed = torch.logsumexp(selected.masked_fill(~masks, -torch.inf), dim=-1)
     return out.index_put((rows,), allowed - torch.logsumexp(selected, dim=-1))
 
-
-def constrained_log_probs(logits: torch.Tensor, labels: torch.Tensor, states: torch.Tensor,
-                          constraint: TokenConstraint) -> torch.Tensor:
-    """log π_c(label) per row: log_softmax(logits)[label] − log_allowed_mass (rows with state < 0: the
-    plain log-prob). logits [N, V] temperature-scaled, labels [N], states [N]."""
-    plain = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.view(-1, 1).long()).squeeze(-1)
-    return plain - log_allowed_mass(logits, states, constraint)

@@ -20,11 +20,19 @@ from verl.utils import normalize_token_ids
 
 from aflow.canvas import Action, parse
 from agent_system.agent_loop.cpu_server import CPUServerManager
-from agent_system.constrained import TokenConstraint, constrained_log_probs, log_allowed_mass, token_constraint
+from agent_system.constrained import TokenConstraint, log_allowed_mass, token_constraint
 
 TOLERANCE = 1e-4
 MAX_TOKENS = 24
 GRAMMAR = "canvas-answer"
+
+
+def constrained_log_probs(logits: torch.Tensor, labels: torch.Tensor, states: torch.Tensor,
+                          constraint: TokenConstraint) -> torch.Tensor:
+    """log π_c(label) per row: log_softmax(logits)[label] − log_allowed_mass (rows with state < 0: the
+    plain log-prob). logits [N, V] temperature-scaled, labels [N], states [N]."""
+    plain = torch.log_softmax(logits.float(), dim=-1).gather(-1, labels.view(-1, 1).long()).squeeze(-1)
+    return plain - log_allowed_mass(logits, states, constraint)  # the reference the engine is checked against
 
 
 @pytest.fixture(scope="module")
