@@ -180,7 +180,8 @@ env_vars = {k: os.environ[k] for k in ("AFLOW_RUNS_DIR", "TENSORBOARD_DIR")}
 # Forwarded when set. Secrets (API keys, WANDB_API_KEY) are never put here: the runtime env is
 # visible in the dashboard and `ray job list`; set them in the environment the cluster was started from.
 for key in ("AFLOW_DATA_DIR", "AFLOW_EXECUTOR_BASE_URL", "AFLOW_EXECUTOR_MODEL", "HF_HOME", "HF_ENDPOINT",
-            "HF_HUB_OFFLINE", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "VERL_LOGGING_LEVEL"):
+            "HF_HUB_OFFLINE", "WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "VERL_LOGGING_LEVEL",
+            "VERL_FILE_LOGGER_PATH", "VERL_FILE_LOGGER_ROOT"):
     if os.environ.get(key):
         env_vars[key] = os.environ[key]
 print(json.dumps({

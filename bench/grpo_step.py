@@ -85,7 +85,7 @@ def run_verl(args, work: Path) -> dict:
     import pandas as pd
     import psutil
 
-    from tests.verl_log import step_metrics
+    from tests.verl_log import logger_env, step_metrics
 
     data = rows(args.prompts)
     pd.DataFrame({"data_source": ["bench"] * len(data), "prompt": [r["prompt"] for r in data],
@@ -111,8 +111,8 @@ def run_verl(args, work: Path) -> dict:
         "env.executor.base_url=http://127.0.0.1:9/v1", "env.executor.model=unused", "reward.num_workers=1",
         f"trainer.default_local_dir={work / 'ckpt'}", f"trainer.total_training_steps={args.warmup + args.steps}",
         "trainer.total_epochs=100000", "trainer.save_freq=-1", "trainer.val_before_train=false",
-        "trainer.test_freq=-1", "trainer.resume_mode=disable", "trainer.logger=[console]"]
-    env = {**os.environ, "AFLOW_RUNS_DIR": str(work / "runs")}
+        "trainer.test_freq=-1", "trainer.resume_mode=disable", "trainer.logger=[console,file]"]
+    env = {**os.environ, **logger_env(work / "metrics.jsonl"), "AFLOW_RUNS_DIR": str(work / "runs")}
     env.pop("RAY_ADDRESS", None)
     proc = subprocess.Popen([sys.executable, "-m", "recipes.train", *overrides], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env)
@@ -134,9 +134,12 @@ def run_verl(args, work: Path) -> dict:
     sampler.join()
     if proc.returncode != 0:
         raise RuntimeError(f"recipes.train exited {proc.returncode}: {output[-2000:]}")
-    steps = step_metrics(output)
+    steps = step_metrics(work / "metrics.jsonl")
     timed = [steps[s] for s in sorted(steps) if s > args.warmup]
-    return {"step_s": [m["timing_s/step"] for m in timed], "gen_s": [m.get("timing_s/gen", float("nan")) for m in timed],
+    # where a step's time goes, by verl's own timers (the rest: reward, advantage, weight sync, bookkeeping)
+    phases = {name: [m.get(f"timing_s/{name}", float("nan")) for m in timed]
+              for name in ("gen", "old_log_prob", "update_actor", "update_weights")}
+    return {"step_s": [m["timing_s/step"] for m in timed], "gen_s": phases.pop("gen"), "phases_s": phases,
             "completion_len": statistics.mean(m["response_length/mean"] for m in timed), "peak_rss_mb": peak[0]}
 
 
@@ -216,6 +219,8 @@ def main(argv: list[str] | None = None) -> None:
         emit(f"{backend}_step_s_all", " ".join(f"{s:.2f}" for s in result["step_s"]))
         if "gen_s" in result:
             emit(f"{backend}_generation_s_median", statistics.median(result["gen_s"]))
+        for name, seconds in result.get("phases_s", {}).items():
+            emit(f"{backend}_{name}_s_median", statistics.median(seconds))
         emit(f"{backend}_completion_tokens_mean", result["completion_len"])
         emit(f"{backend}_peak_rss_mb", result["peak_rss_mb"])
     if all(isinstance(r, dict) for r in results.values()):

@@ -1,7 +1,10 @@
 """Does the SmolLM2 policy learn to design workflows with canvas actions? A learning benchmark (not a test).
 
-    AFLOW_DATA_DIR=../shared/data/aflow python -m bench.learning [--benchmark drop] [--steps 8]
-        [--train-problems 64] [--heldout 40] [--batch 4] [--n 4] [--lr 1e-5] [--skip-control] [--out DIR]
+    AFLOW_DATA_DIR=../shared/data/aflow python -m bench.learning [--benchmark drop] [--steps 4]
+        [--train-problems 64] [--heldout 16] [--batch 2] [--n 3] [--lr 1e-5] [--skip-control] [--out DIR]
+
+The defaults fit about 50 minutes on 2 CPU cores (a DROP step of 2 problems x 3 episodes takes ~4 min:
+long passages make every prompt long for the policy's log-probs and the executor alike).
 
 What it runs, all on this machine with the embedded SmolLM2-135M as policy and executor:
 
@@ -12,7 +15,10 @@ What it runs, all on this machine with the embedded SmolLM2-135M as policy and e
 3. Training: verl's RayPPOTrainer on the CPU (preset cpu-local, GRPO, constrained canvas decoding) for
    `--steps` steps at `--lr`, validating on the held-out rows before the first step (the untrained policy)
    and after the last (the trained policy); then the same run at lr=0 (the control: what sampling alone
-   gives, with everything else equal).
+   gives, with everything else equal). The control does not validate before its first step: its weights
+   are the trained run's starting weights and validation decodes greedily, so that row would repeat the
+   untrained one; its validation after the last step measures how much the held-out score moves between
+   two evaluations of the same weights (the executor samples).
 4. Report: per step the training reward and the valid-action rate of both runs (`learning.png`), and the
    held-out table: mean score of the final workflows with a 95% confidence interval (normal approximation
    over problems; a bootstrap would add nothing at this n) for builtin:io, builtin:cot, the untrained
@@ -88,13 +94,14 @@ def baseline(args, workflow: str, out: Path, ids: list[str]) -> list[float]:
     return [by_id[i] for i in ids]
 
 
-def train(args, name: str, lr: float, train_file: Path, heldout: Path, out: Path) -> dict:
-    """One verl run; its per-step history and the held-out scores before the first and after the last step."""
+def train(args, name: str, lr: float, train_file: Path, heldout: Path, out: Path, validate_first: bool) -> dict:
+    """One verl run; its per-step history and the held-out scores (before the first step when
+    `validate_first`, and after the last)."""
     overrides = [
         "preset=cpu-local", f"data.train_files={train_file}", f"data.val_files={heldout}",
         f"data.train_batch_size={args.batch}", f"actor_rollout_ref.rollout.n={args.n}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={args.batch}", f"actor_rollout_ref.actor.optim.lr={lr}",
-        f"trainer.total_training_steps={args.steps}", "trainer.val_before_train=true",
+        f"trainer.total_training_steps={args.steps}", f"trainer.val_before_train={str(validate_first).lower()}",
         f"trainer.test_freq={args.steps}", "trainer.save_freq=-1", f"trainer.default_local_dir={out}",
         f"trainer.validation_data_dir={out / 'validation'}", f"trainer.experiment_name=learning-{name}",
         f"env.data_dir={args.data_dir}", "data.filter_overlong_prompts=true",
@@ -145,10 +152,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--benchmark", default="drop")
     parser.add_argument("--data-dir", default=os.environ.get("AFLOW_DATA_DIR"))
     parser.add_argument("--train-problems", type=int, default=64)
-    parser.add_argument("--heldout", type=int, default=40)
-    parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch", type=int, default=4, help="problems per step")
-    parser.add_argument("--n", type=int, default=4, help="episodes per problem (the GRPO group)")
+    parser.add_argument("--heldout", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=2, help="problems per step")
+    parser.add_argument("--n", type=int, default=3, help="episodes per problem (the GRPO group)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--max-prompt-length", type=int, default=1024)
     parser.add_argument("--skip-control", action="store_true")
@@ -161,9 +168,9 @@ def main(argv: list[str] | None = None) -> None:
     train_file, heldout, ids = build_data(args, args.out / "data")
     table = {workflow: baseline(args, workflow, args.out / workflow.replace(":", "-"), ids)
              for workflow in ("builtin:io", "builtin:cot")}
-    runs = {"trained": train(args, "trained", args.lr, train_file, heldout, args.out / "trained")}
+    runs = {"trained": train(args, "trained", args.lr, train_file, heldout, args.out / "trained", True)}
     if not args.skip_control:
-        runs["control (lr=0)"] = train(args, "control", 0.0, train_file, heldout, args.out / "control")
+        runs["control (lr=0)"] = train(args, "control", 0.0, train_file, heldout, args.out / "control", False)
     trained = runs["trained"]["validations"]
     table["policy, untrained"] = trained.get(min(trained), [])
     table["policy, trained"] = trained.get(max(trained), [])

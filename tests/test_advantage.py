@@ -364,17 +364,22 @@ def test_group_diversity_is_added_to_the_reward_before_advantages():
     assert torch.allclose(data.batch["token_level_rewards"], expected)
 
 
-def test_verl_console_lines_are_read_back_and_a_failed_step_is_caught():
-    """tests/verl_log.py reads what verl's own console logger prints (the GPU test relies on it)."""
-    from verl.utils.logger.aggregate_logger import concat_dict_to_str
+def test_verl_file_logger_records_are_read_back_and_a_failed_step_is_caught(tmp_path, monkeypatch):
+    """tests/verl_log.py reads what verl's own file logger writes (the CPU and GPU trainer tests rely on it)."""
+    from verl.utils.tracking import Tracking
 
-    from tests.verl_log import assert_learning_step, step_metrics
+    from tests.verl_log import assert_learning_step, logger_env, step_metrics
 
-    # verl's actor metrics are numpy scalars, printed as np.float64(...) under numpy 2
-    good = concat_dict_to_str({"actor/pg_loss": np.float64(-0.25), "actor/grad_norm": np.float64(1.5),
-                               "critic/score/mean": 0.1}, step=1)
-    nan = concat_dict_to_str({"actor/pg_loss": float("nan"), "actor/grad_norm": 0.0}, step=2)
-    steps = step_metrics(f"(TaskRunner pid=1) {good}\nnoise\n{nan}\n")
+    path = tmp_path / "metrics.jsonl"
+    for key, value in logger_env(path).items():
+        monkeypatch.setenv(key, value)
+    tracking = Tracking(project_name="p", experiment_name="e", default_backend=["file"])
+    # verl's actor metrics are numpy scalars
+    tracking.log({"actor/pg_loss": np.float64(-0.25), "actor/grad_norm": np.float64(1.5),
+                  "critic/score/mean": 0.1}, step=1)
+    tracking.log({"actor/pg_loss": float("nan"), "actor/grad_norm": 0.0}, step=2)
+    tracking.logger["file"].finish()
+    steps = step_metrics(path)
     assert steps[1] == {"actor/pg_loss": -0.25, "actor/grad_norm": 1.5, "critic/score/mean": 0.1}
     assert_learning_step(steps[1])
     with pytest.raises(AssertionError):

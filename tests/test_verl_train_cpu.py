@@ -13,7 +13,6 @@ Each run is its own process, as a user would start it: verl's run_ppo starts (an
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -23,6 +22,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+
+from tests.verl_log import logger_env, step_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -64,7 +65,7 @@ def train(parquet: Path, data_dir: Path, ckpt: Path, metrics: Path, steps: int, 
         # epoch boundary without a step (verl exits 0 then)
         "trainer.total_epochs=100",
     ]
-    env = {**os.environ, "VERL_FILE_LOGGER_PATH": str(metrics), "AFLOW_RUNS_DIR": str(ckpt.parent / "runs"),
+    env = {**os.environ, **logger_env(metrics), "AFLOW_RUNS_DIR": str(ckpt.parent / "runs"),
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     env.pop("RAY_ADDRESS", None)
     started = time.monotonic()
@@ -74,16 +75,11 @@ def train(parquet: Path, data_dir: Path, ckpt: Path, metrics: Path, steps: int, 
     return time.monotonic() - started, result.stdout + result.stderr
 
 
-def logged(path: Path) -> dict[int, dict]:
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {int(row["step"]): row["data"] for row in rows}
-
-
 def test_verl_fit_on_cpu_trains_checkpoints_and_resumes(data_dir, query_parquet, tmp_path):
     ckpt = tmp_path / "ckpt"
     first_s, output = train(query_parquet, data_dir, ckpt, tmp_path / "first.jsonl", steps=2, resume="disable")
     assert "started the embedded executor at http://127.0.0.1:" in output  # by the task runner
-    first = logged(tmp_path / "first.jsonl")
+    first = step_metrics(tmp_path / "first.jsonl")
     assert sorted(first) == [1, 2]
     for step, data in first.items():
         assert math.isfinite(data["actor/pg_loss"]), (step, data["actor/pg_loss"])
@@ -98,7 +94,7 @@ def test_verl_fit_on_cpu_trains_checkpoints_and_resumes(data_dir, query_parquet,
     assert (ckpt / "global_step_2" / "actor").is_dir()
 
     second_s, _ = train(query_parquet, data_dir, ckpt, tmp_path / "second.jsonl", steps=3, resume="auto")
-    second = logged(tmp_path / "second.jsonl")
+    second = step_metrics(tmp_path / "second.jsonl")
     assert sorted(second) == [3], sorted(second)  # continued from the saved step, not from scratch
     assert math.isfinite(second[3]["actor/pg_loss"]) and second[3]["actor/grad_norm"] > 0
     step_times = ", ".join(f"{first[s]['timing_s/step']:.0f}" for s in (1, 2))

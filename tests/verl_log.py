@@ -1,36 +1,31 @@
-"""Reading verl's console logger: `step:N - key:value - ...` lines (verl.utils.logger.aggregate_logger's
-concat_dict_to_str), so the CPU and GPU end-to-end tests can assert on what verl itself measured."""
+"""Reading what verl itself measured, from its file logger (`trainer.logger=[...,file]`, written to
+`$VERL_FILE_LOGGER_PATH`: one JSON object `{"step": N, "data": {...}}` per line, by the process that runs
+`RayPPOTrainer.fit`).
+
+The console logger is not a record: Ray forwards the task runner's prints through its log monitor, and in
+CI one step's console line came back without keys verl had logged (`timing_s/step`), so a test read a step
+that looked complete and was not. The file logger writes each step's whole dict in one write.
+"""
 
 from __future__ import annotations
 
+import json
 import math
-import re
-
-_NUMPY_SCALAR = re.compile(r"^np\.\w+\((.*)\)$")  # numpy 2's repr of a scalar: np.float64(0.31)
+from pathlib import Path
 
 
-def step_metrics(log: str) -> dict[int, dict[str, float]]:
-    """Every `step:N - k:v - ...` line of a log, as {N: {k: v}} (a later line for N wins)."""
+def logger_env(path: Path) -> dict[str, str]:
+    """The environment that sends verl's file logger to `path` (add `file` to trainer.logger as well)."""
+    return {"VERL_FILE_LOGGER_PATH": str(path)}
+
+
+def step_metrics(path: Path) -> dict[int, dict[str, float]]:
+    """Every step verl logged to `path`, as {N: {key: value}} (a later record for N wins, as on resume)."""
     steps: dict[int, dict[str, float]] = {}
-    for line in log.splitlines():
-        start = line.find("step:")
-        if start < 0:
-            continue
-        parts = line[start:].split(" - ")
-        try:
-            step = int(parts[0].split(":", 1)[1])
-        except ValueError:
-            continue
-        values = {}
-        for part in parts[1:]:
-            key, _, value = part.rpartition(":")
-            wrapped = _NUMPY_SCALAR.match(value.strip())
-            try:
-                values[key.strip()] = float(wrapped.group(1) if wrapped else value)
-            except ValueError:
-                continue
-        if values:
-            steps[step] = values
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            steps[int(row["step"])] = row["data"]
     return steps
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.verl_log import assert_learning_step, step_metrics
+from tests.verl_log import assert_learning_step, logger_env, step_metrics
 
 torch = pytest.importorskip("torch")
 if not torch.cuda.is_available():
@@ -35,6 +35,7 @@ def test_one_grpo_step_via_launch_sh(tmp_path):
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["AFLOW_RUNS_DIR"] = str(tmp_path / "runs")
+    env.update(logger_env(tmp_path / "metrics.jsonl"))  # forwarded to the job by launch.sh
     data = tmp_path / "runs" / "data"
     build = subprocess.run(
         [sys.executable, "-m", "data_prep.build", "--benchmarks", "humaneval", "--mode", "task", "--out", str(data),
@@ -61,13 +62,13 @@ def test_one_grpo_step_via_launch_sh(tmp_path):
         "trainer.val_before_train=false",
         "trainer.test_freq=-1",
         "trainer.save_freq=-1",
-        "trainer.logger=[console]",
+        "trainer.logger=[console,file]",
         "trainer.experiment_name=gpu-test",
     ]
     result = subprocess.run(["bash", str(ROOT / "launch.sh"), *overrides], cwd=ROOT, env=env,
                             capture_output=True, text=True, timeout=3500)
     log = result.stdout + result.stderr
     assert result.returncode == 0, log[-5000:]
-    steps = step_metrics(log)
+    steps = step_metrics(tmp_path / "metrics.jsonl")
     assert 1 in steps, log[-5000:]
     assert_learning_step(steps[1])  # a finite loss and a non-zero gradient, not merely "step:1" printed
