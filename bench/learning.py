@@ -67,13 +67,31 @@ def interval(scores: list[float]) -> tuple[float, float]:
     return mean, 1.96 * statistics.stdev(scores) / math.sqrt(len(scores))
 
 
+def prompt_fits(tokenizer, max_prompt_length: int):
+    """verl's `data.filter_overlong_prompts` rule (the chat-templated prompt's token count), so the
+    held-out problems the baselines are scored on are exactly the ones verl validates on."""
+    def fits(messages) -> bool:
+        text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"]) <= max_prompt_length
+    return fits
+
+
 def build_data(args, data: Path) -> tuple[Path, Path, list[str]]:
     import pandas as pd
+    from transformers import AutoTokenizer
 
-    run([sys.executable, "-m", "data_prep.build", "--benchmarks", args.benchmark, "--mode", "query",
-         "--action-space", "canvas", "--out", str(data), "--data-dir", args.data_dir], data.parent / "data.log")
-    train = pd.read_parquet(data / "train.parquet").head(args.train_problems)
+    from agent_system.policy_model import load_policy, resolve_cache_dir
+
+    if not (data / "heldout.parquet").is_file():
+        run([sys.executable, "-m", "data_prep.build", "--benchmarks", args.benchmark, "--mode", "query",
+             "--action-space", "canvas", "--out", str(data), "--data-dir", args.data_dir], data.parent / "data.log")
+    if not (resolve_cache_dir() / "config.json").is_file():
+        load_policy(None)  # the embedded SmolLM2, converted once (the policy the runs train)
+    fits = prompt_fits(AutoTokenizer.from_pretrained(str(resolve_cache_dir())), args.max_prompt_length)
+    train = pd.read_parquet(data / "train.parquet")
+    train = train[train["prompt"].map(fits)].head(args.train_problems)
     heldout = pd.read_parquet(data / "val.parquet").head(args.heldout)
+    heldout = heldout[heldout["prompt"].map(fits)]
     train.to_parquet(data / "train-subset.parquet")
     heldout.to_parquet(data / "heldout.parquet")
     ids = [str(extra["problem_id"]) for extra in heldout["extra_info"]]
@@ -81,10 +99,12 @@ def build_data(args, data: Path) -> tuple[Path, Path, list[str]]:
 
 
 def baseline(args, workflow: str, out: Path, ids: list[str]) -> list[float]:
-    """Per-problem scores of a builtin workflow on the held-out problems (same scoring as the environment)."""
-    run([sys.executable, "-m", "aflow.cli", "evaluate", "--benchmark", args.benchmark, "--split", "test",
-         "--limit", str(args.heldout), "--workflow", workflow, "--scoring", "reward", "--data-dir", args.data_dir,
-         "--out", str(out)], out.parent / f"{out.name}.log")
+    """Per-problem scores of a builtin workflow on the held-out problems (same scoring as the environment);
+    an earlier run's results in `out` are reused."""
+    if not (out / "results.jsonl").is_file():
+        run([sys.executable, "-m", "aflow.cli", "evaluate", "--benchmark", args.benchmark, "--split", "test",
+             "--limit", str(args.heldout), "--workflow", workflow, "--scoring", "reward",
+             "--data-dir", args.data_dir, "--out", str(out)], out.parent / f"{out.name}.log")
     records = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines() if line.strip()]
     by_id = {str(r["id"]): float(r["score"]) for r in records}
     missing = [i for i in ids if i not in by_id]
@@ -113,8 +133,11 @@ def train(args, name: str, lr: float, train_file: Path, heldout: Path, out: Path
     ]
     env = {**os.environ, "AFLOW_RUNS_DIR": str(out / "runs")}
     env.pop("RAY_ADDRESS", None)
-    started = time.monotonic()
-    run([sys.executable, "-m", "recipes.train", *overrides], out.parent / f"{name}.log", env)
+    wall = out / "wall_seconds.txt"
+    if not (out / "summary.json").is_file():  # else an earlier run's, reused
+        started = time.monotonic()
+        run([sys.executable, "-m", "recipes.train", *overrides], out.parent / f"{name}.log", env)
+        wall.write_text(f"{time.monotonic() - started:.0f}\n")
     summary = json.loads((out / "summary.json").read_text())
     dumps = sorted((out / "validation").glob("*.jsonl"), key=lambda p: int(p.stem))
     validations = {}
@@ -123,7 +146,8 @@ def train(args, name: str, lr: float, train_file: Path, heldout: Path, out: Path
         # an episode the environment failed ran no workflow: it counts as 0 (NaN in the dump)
         validations[int(dump.stem)] = [float(r["episode_return"]) if r["episode_return"] == r["episode_return"]
                                        else 0.0 for r in rows]
-    return {"history": summary["history"], "validations": validations, "seconds": time.monotonic() - started}
+    return {"history": summary["history"], "validations": validations,
+            "seconds": float(wall.read_text()) if wall.is_file() else float("nan")}
 
 
 def plot(runs: dict, path: Path) -> None:
@@ -171,6 +195,11 @@ def main(argv: list[str] | None = None) -> None:
     runs = {"trained": train(args, "trained", args.lr, train_file, heldout, args.out / "trained", True)}
     if not args.skip_control:
         runs["control (lr=0)"] = train(args, "control", 0.0, train_file, heldout, args.out / "control", False)
+    for name, result in runs.items():
+        for step, scores in result["validations"].items():
+            if len(scores) != len(ids):
+                sys.exit(f"bench.learning: {name} validated {len(scores)} problems at step {step}, the baselines "
+                         f"{len(ids)}: verl's prompt filter and prompt_fits disagree")
     trained = runs["trained"]["validations"]
     table["policy, untrained"] = trained.get(min(trained), [])
     table["policy, trained"] = trained.get(max(trained), [])
