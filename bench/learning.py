@@ -3,8 +3,9 @@
     AFLOW_DATA_DIR=../shared/data/aflow python -m bench.learning [--benchmark drop] [--steps 4]
         [--train-problems 64] [--heldout 16] [--batch 2] [--n 3] [--lr 1e-5] [--skip-control] [--out DIR]
 
-The defaults fit about 50 minutes on 2 CPU cores (a DROP step of 2 problems x 3 episodes takes ~4 min:
-long passages make every prompt long for the policy's log-probs and the executor alike).
+With the defaults it ran 2343 s on 2 CPU cores (a DROP step of 2 problems x 3 episodes takes 2.5-4 min:
+long passages make every prompt long for the policy's log-probs and the executor alike); the result is in
+the README.
 
 What it runs, all on this machine with the embedded SmolLM2-135M as policy and executor:
 
