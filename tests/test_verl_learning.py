@@ -168,9 +168,10 @@ def rewards_of(run: tuple[float, dict[int, dict[str, float]], str], lr: float) -
     assert sorted(metrics) == list(range(1, STEPS + 1)), (sorted(metrics), output[-3000:])
     rewards = [metrics[s]["critic/score/mean"] for s in range(1, STEPS + 1)]
     step_s = [metrics[s]["timing_s/step"] for s in range(1, STEPS + 1)]
-    print(f"\nverl toy lr={lr}: reward first {WINDOW} steps {mean(rewards[:WINDOW]):.3f}, last {WINDOW} steps "
-          f"{mean(rewards[-WINDOW:]):.3f}, best {WINDOW} {best_window(rewards):.3f}; {STEPS} steps of {BATCH}x{SAMPLES} in {wall:.0f} s wall, "
-          f"{mean(step_s):.2f} s/step (verl timing)\n  rewards: {' '.join(f'{r:.2f}' for r in rewards)}")
+    print(f"\nverl toy lr={lr}: reward first {WINDOW} steps {mean(rewards[:WINDOW]):.3f}, "
+          f"last {WINDOW} {mean(rewards[-WINDOW:]):.3f}, best {WINDOW} {best_window(rewards):.3f}; "
+          f"{STEPS} steps of {BATCH}x{SAMPLES} in {wall:.0f} s wall, {mean(step_s):.2f} s/step (verl timing)"
+          f"\n  rewards: {' '.join(f'{r:.2f}' for r in rewards)}")
     return rewards
 
 
