@@ -136,7 +136,7 @@ def run_verl(args, work: Path) -> dict:
         raise RuntimeError(f"recipes.train exited {proc.returncode}: {output[-2000:]}")
     steps = step_metrics(work / "metrics.jsonl")
     timed = [steps[s] for s in sorted(steps) if s > args.warmup]
-    # where a step's time goes, by verl's own timers (the rest: reward, advantage, weight sync, bookkeeping)
+    # where a step's time goes, by verl's own timers (the rest: reward, advantage, bookkeeping)
     phases = {name: [m.get(f"timing_s/{name}", float("nan")) for m in timed]
               for name in ("gen", "old_log_prob", "update_actor", "update_weights")}
     return {"step_s": [m["timing_s/step"] for m in timed], "gen_s": phases.pop("gen"), "phases_s": phases,

@@ -115,9 +115,10 @@ def baseline(args, workflow: str, out: Path, ids: list[str]) -> list[float]:
     return [by_id[i] for i in ids]
 
 
-def train(args, name: str, lr: float, train_file: Path, heldout: Path, out: Path, validate_first: bool) -> dict:
+def train(args, name: str, lr: float, train_file: Path, heldout: Path, ids: list[str], out: Path,
+          validate_first: bool) -> dict:
     """One verl run; its per-step history and the held-out scores (before the first step when
-    `validate_first`, and after the last)."""
+    `validate_first`, and after the last), checked to cover the baselines' problems `ids`."""
     overrides = [
         "preset=cpu-local", f"data.train_files={train_file}", f"data.val_files={heldout}",
         f"data.train_batch_size={args.batch}", f"actor_rollout_ref.rollout.n={args.n}",
@@ -147,6 +148,9 @@ def train(args, name: str, lr: float, train_file: Path, heldout: Path, out: Path
         # an episode the environment failed ran no workflow: it counts as 0 (NaN in the dump)
         validations[int(dump.stem)] = [float(r["episode_return"]) if r["episode_return"] == r["episode_return"]
                                        else 0.0 for r in rows]
+        if len(rows) != len(ids):
+            sys.exit(f"bench.learning: {name} validated {len(rows)} problems at step {dump.stem}, the baselines "
+                     f"{len(ids)}: verl's prompt filter and prompt_fits disagree")
     return {"history": summary["history"], "validations": validations,
             "seconds": float(wall.read_text()) if wall.is_file() else float("nan")}
 
@@ -193,14 +197,9 @@ def main(argv: list[str] | None = None) -> None:
     train_file, heldout, ids = build_data(args, args.out / "data")
     table = {workflow: baseline(args, workflow, args.out / workflow.replace(":", "-"), ids)
              for workflow in ("builtin:io", "builtin:cot")}
-    runs = {"trained": train(args, "trained", args.lr, train_file, heldout, args.out / "trained", True)}
+    runs = {"trained": train(args, "trained", args.lr, train_file, heldout, ids, args.out / "trained", True)}
     if not args.skip_control:
-        runs["control (lr=0)"] = train(args, "control", 0.0, train_file, heldout, args.out / "control", False)
-    for name, result in runs.items():
-        for step, scores in result["validations"].items():
-            if len(scores) != len(ids):
-                sys.exit(f"bench.learning: {name} validated {len(scores)} problems at step {step}, the baselines "
-                         f"{len(ids)}: verl's prompt filter and prompt_fits disagree")
+        runs["control (lr=0)"] = train(args, "control", 0.0, train_file, heldout, ids, args.out / "control", False)
     trained = runs["trained"]["validations"]
     table["policy, untrained"] = trained.get(min(trained), [])
     table["policy, trained"] = trained.get(max(trained), [])
