@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -193,6 +195,20 @@ def _worker(fake, data_dir, tmp_path, **overrides):
     return AFlowWorker(config, str(tmp_path / "env"))
 
 
+def zygotes_of_this_process() -> list[int]:
+    """Live sandbox zygotes this process started (read from /proc, not from the worker's fields)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"--zygote" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
 def test_env_concurrency_bounds_the_problems_a_worker_runs_at_once(data_dir, tmp_path):
     """Issue 13, defect 6: env.concurrency was read nowhere, so one task-mode worker ran
     episodes x eval_subset_size problems (sandboxes and executor calls) at once."""
@@ -202,14 +218,18 @@ def test_env_concurrency_bounds_the_problems_a_worker_runs_at_once(data_dir, tmp
         async def go():
             rows = [{"extra_info": {"benchmark": "gsm8k", "split": "validate"}} for _ in range(3)]
             await asyncio.gather(*(worker.reset(f"e{i}", f"uid-{i}", row) for i, row in enumerate(rows)))
+            # concurrent first resets once started a zygote each and kept one: the others ran until the actor died
+            zygotes = zygotes_of_this_process()
             await asyncio.gather(*(worker.step(f"e{i}", action(i)) for i in range(3)))  # 3 x 6 problems
             await asyncio.gather(*(worker.close(f"e{i}") for i in range(3)))
             await worker.shutdown()
+            return zygotes, zygotes_of_this_process()
 
-        asyncio.run(go())
+        (during, after) = asyncio.run(go())
         calls, peak = fake.count, fake.max_in_flight
     assert calls >= 6 * 4  # the root's 6 problems, then 3 episodes x 6
     assert peak == 2, peak
+    assert len(during) == 1 and after == [], (during, after)
 
 
 def test_validation_rows_score_the_test_split_and_never_touch_the_training_tree(data_dir, tmp_path):

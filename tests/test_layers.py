@@ -5,6 +5,7 @@ happens to be imported at run time."""
 from __future__ import annotations
 
 import ast
+import gc
 from collections import defaultdict
 from pathlib import Path
 
@@ -32,8 +33,22 @@ def modules() -> dict[str, Path]:
     return found
 
 
+def parse(path: Path) -> ast.Module:
+    """ast.parse with the garbage collector held off. On CPython 3.11.7 a collection inside
+    ast.parse that finalises an object whose __del__ raises prints the error through
+    traceback, which calls ast.parse again; the nested call resets the converter's shared
+    depth counter and the outer one fails with "AST constructor recursion depth mismatch"
+    (CPython gh-106905). CI met it once, after an earlier test left an asyncio transport
+    for the collector; a collection between two parses is harmless."""
+    gc.disable()
+    try:
+        return ast.parse(path.read_text(encoding="utf-8"))
+    finally:
+        gc.enable()
+
+
 def imports_of(path: Path, name: str) -> set[str]:
-    tree = ast.parse(path.read_text(encoding="utf-8"))
+    tree = parse(path)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     out = set()
     for node in ast.walk(tree):

@@ -82,6 +82,7 @@ class AFlowWorker:
                                        max_tokens=self.cfg.executor.max_tokens,
                                        cache_path=self.workdir / "llm-cache.sqlite"))
         self.sandbox: Sandbox | None = None
+        self.sandbox_lock = asyncio.Lock()  # concurrent first resets must start one zygote, not one each
         self.tasks: dict[tuple[str, str], TaskState] = {}  # (benchmark, split)
         self.episodes: dict[str, Episode] = {}
         self.task_of: dict[str, tuple[str, str]] = {}
@@ -92,8 +93,9 @@ class AFlowWorker:
         return os.getpid()
 
     async def _sandbox(self) -> Sandbox:
-        if self.sandbox is None:
-            self.sandbox = await Sandbox().start()
+        async with self.sandbox_lock:
+            if self.sandbox is None:
+                self.sandbox = await Sandbox().start()
         return self.sandbox
 
     async def _task(self, benchmark: str, split: str = TRAIN_SPLIT) -> TaskState:
