@@ -9,6 +9,11 @@ from __future__ import annotations
 import ast
 import re
 
+# What ast.parse raises on hostile text, besides SyntaxError: MemoryError or RecursionError when
+# nesting is deeper than CPython's parser stack (20,000 unary minus signs fit in one answer), and
+# ValueError for a null byte on some 3.11 releases. A parse of untrusted text catches all of them.
+PARSE_ERRORS = (SyntaxError, ValueError, MemoryError, RecursionError)
+
 _FENCE = re.compile(r"```[ \t]*([\w+-]*)[^\n]*\n(.*?)(?:```|\Z)", re.DOTALL)
 
 
@@ -30,7 +35,7 @@ def parses(code: str) -> bool:
     try:
         ast.parse(code)
         return True
-    except (SyntaxError, ValueError):
+    except PARSE_ERRORS:
         return False
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 from collections import defaultdict
 
+from aflow.parsing import PARSE_ERRORS
 from agent_system.config import RewardConfig
 
 
@@ -24,7 +25,7 @@ def operators_used(graph: str) -> set[str]:
 
     try:
         tree = ast.parse(graph)
-    except SyntaxError:
+    except PARSE_ERRORS:
         return set()
     names = set()
     for node in ast.walk(tree):

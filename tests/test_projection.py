@@ -91,3 +91,25 @@ def test_aflow_round_format_is_accepted_and_converted():
     action = project(answer(graph=aflow_graph), PARENT_GRAPH, PARENT_PROMPT)
     assert action.is_valid, action.reason
     assert action.workflow.format == "aflow" and "aflow_ops" in action.workflow.graph
+
+
+DEEP = "-" * 20_000 + "1"  # deeper than CPython's parser stack: ast.parse raises MemoryError, not SyntaxError
+
+
+@pytest.mark.parametrize("graph, prompt, reason", [
+    (NEW_GRAPH.replace("prompt.B", DEEP), NEW_PROMPT, "graph.py does not parse"),
+    (NEW_GRAPH, f"B = {DEEP}\n", "prompt.py does not parse"),
+    (NEW_GRAPH.replace("prompt.B", "prompt.B\0"), NEW_PROMPT, "graph.py does not parse"),
+], ids=["deep-graph", "deep-prompt", "null-byte"])
+def test_text_the_parser_cannot_hold_is_a_rejected_action_not_an_exception(graph, prompt, reason):
+    """The projection never raises: nesting deeper than the parser's stack (well inside the
+    answer-length limit) once escaped as a MemoryError from the worker's step."""
+    action = project(answer(graph=graph, prompt=prompt), PARENT_GRAPH, PARENT_PROMPT)
+    assert not action.is_valid and reason in action.reason, action.reason
+
+
+def test_the_diversity_term_reads_no_operator_from_a_graph_the_parser_cannot_hold():
+    from agent_system.reward import operators_used
+
+    assert operators_used(NEW_GRAPH) == {"Custom"}
+    assert operators_used(NEW_GRAPH.replace("prompt.B", DEEP)) == set()

@@ -21,6 +21,8 @@ from __future__ import annotations
 import ast
 import warnings
 
+from aflow.parsing import PARSE_ERRORS
+
 MAX_LINES = 2000
 
 
@@ -38,7 +40,7 @@ def _parses(code: str) -> bool:
     try:
         _parse(code)
         return True
-    except (SyntaxError, MemoryError, RecursionError, ValueError):
+    except PARSE_ERRORS:
         return False
 
 
@@ -87,7 +89,7 @@ def sanitize(text: str, entry_point: str | None) -> str:
     code = code_extract(text)
     try:
         tree = _parse(code)
-    except (SyntaxError, MemoryError, RecursionError, ValueError):
+    except PARSE_ERRORS:
         return code
     imports, definitions = _definitions(tree)
     if entry_point:

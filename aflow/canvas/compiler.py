@@ -18,6 +18,7 @@ from __future__ import annotations
 import ast
 
 from aflow.canvas.model import OPERATORS_OF, PROMPTABLE, Canvas, Step, canonical, from_canonical
+from aflow.parsing import PARSE_ERRORS
 
 # the operator attribute of each operator class, in a fixed order (deterministic output)
 ATTRIBUTES = {
@@ -142,7 +143,7 @@ def canvas_of(graph: str, prompt: str) -> Canvas | None:
     for it (prompt.py's CANVAS recompiles to the same two files); None for any other workflow."""
     try:
         tree = ast.parse(prompt)
-    except (SyntaxError, ValueError, TypeError):
+    except (*PARSE_ERRORS, TypeError):
         return None
     text = next((node.value.value for node in tree.body
                  if isinstance(node, ast.Assign) and len(node.targets) == 1

@@ -22,6 +22,7 @@ import ast
 from dataclasses import dataclass
 from pathlib import Path
 
+from aflow.parsing import PARSE_ERRORS
 from aflow.workflows import adapter
 from aflow.workflows.checks import WorkflowCheckError, check_source
 
@@ -51,7 +52,7 @@ def from_source(graph: str, prompt: str = "", name: str = "workflow") -> Workflo
         raise WorkflowCheckError("workflow source is larger than 1 MB")
     try:
         fmt = "aflow" if adapter.is_aflow_format(ast.parse(graph)) else "native"
-    except SyntaxError:
+    except PARSE_ERRORS:
         fmt = "native"  # check_source reports the syntax error with its line
     if fmt == "aflow":
         graph = adapter.convert(graph)

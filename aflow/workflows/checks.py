@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 
+from aflow.parsing import PARSE_ERRORS
+
 ALLOWED_IMPORTS = frozenset({
     "aflow_ops", "prompt", "asyncio", "re", "json", "math", "typing", "collections", "itertools",
     "functools", "random", "string", "dataclasses", "statistics", "textwrap", "__future__",
@@ -31,6 +33,8 @@ def check_source(source: str, filename: str, require_workflow: bool) -> ast.Modu
         tree = ast.parse(source, filename=filename)
     except SyntaxError as exc:
         raise WorkflowCheckError(f"{filename} does not parse: {exc.msg} (line {exc.lineno})") from None
+    except PARSE_ERRORS as exc:  # nesting deeper than the parser's stack, a null byte
+        raise WorkflowCheckError(f"{filename} does not parse: {type(exc).__name__} {exc}".rstrip()) from None
     for node in ast.walk(tree):
         line = getattr(node, "lineno", "?")
         if isinstance(node, ast.Import):
