@@ -332,6 +332,20 @@ def test_reading_reference_answers_from_disk_fails(problem_0, name, form):
     assert got == 0.0, reason
 
 
+@pytest.mark.parametrize("where", ["alone", "inside the entry point"])
+def test_an_answer_deeper_than_the_parser_scores_zero_and_raises_nothing(problem_0, where):
+    """Nesting deeper than CPython's parser stack makes ast.parse raise MemoryError, not
+    SyntaxError. The trusted sanitiser and checker must take that as "does not parse": the
+    answer scores 0 with a reason, it does not stop the scorer. (Deep junk *after* a complete
+    solution is cut off like any trailing text, as in AFlow: that answer did solve the problem.)"""
+    deep = "-" * 20_000 + "1"
+    solution = {"alone": f"DEPTH = {deep}\n",
+                "inside the entry point": problem_0.gold.replace("return False", f"return {deep}")}[where]
+    assert solution != problem_0.gold
+    got, reason = score(problem_0, solution)
+    assert got == 0.0 and reason, reason
+
+
 def test_trailing_decorator_cannot_attach_to_the_tests(problem_0):
     # Pasted before `def check`, the last line would wrap the tests in a function that does
     # nothing. The solution is compiled alone (and sanitised): the line attaches to nothing.

@@ -202,15 +202,17 @@ def _worker(fake, data_dir, tmp_path, **overrides):
 
 def zygotes_of_this_process() -> list[int]:
     """Live sandbox zygotes this process started (read from /proc, not from the worker's fields)."""
+    from aflow.sandbox import _children
+
     found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    for pid in _children(os.getpid()):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            cmdline = (stat.parent / "cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if int(fields[1]) == os.getpid() and fields[0] != "Z" and b"--zygote" in cmdline:
-            found.append(int(stat.parent.name))
+        if state != "Z" and b"--zygote" in cmdline:
+            found.append(pid)
     return found
 
 
