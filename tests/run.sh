@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
-# All tests: sets up .venv (idempotent), lints, then runs pytest.
-# Benchmark data: $AFLOW_DATA_DIR, else ../shared/data/aflow beside the repo when present.
+# All tests: sets up .venv (idempotent), lints, then runs pytest in a random order (pytest-randomly prints the
+# seed; pass --randomly-seed=N to repeat an order) and prints the 15 slowest tests.
+#   bash tests/run.sh                  # everything (<= 15 min on 2 idle cores)
+#   bash tests/run.sh -m "not slow"    # the fast tier: no model, Ray or fit (<= 5 min)
+# Benchmark data: $AFLOW_DATA_DIR, else ../shared/data/aflow beside the repo when present. With
+# AFLOW_REQUIRE_DATA=1 (set by .ci/run) a missing data directory fails the run instead of skipping tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L 2>/dev/null | grep -q GPU; then
@@ -11,10 +15,14 @@ fi
 if [ -z "${AFLOW_DATA_DIR:-}" ] && [ -d ../shared/data/aflow ]; then
   export AFLOW_DATA_DIR="$(cd ../shared/data/aflow && pwd)"
 fi
+if [ "${AFLOW_REQUIRE_DATA:-}" = 1 ] && [ ! -d "${AFLOW_DATA_DIR:-/nonexistent}" ]; then
+  echo "[tests] AFLOW_REQUIRE_DATA=1 but no data directory (set AFLOW_DATA_DIR to AFlow's split files)" >&2
+  exit 2
+fi
 echo "[tests] data dir: ${AFLOW_DATA_DIR:-none (tests needing data are skipped)}"
 python -m ruff check aflow agent_system recipes data_prep tests bench
 set +e
-python -m pytest "$@"
+python -m pytest --durations=15 "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

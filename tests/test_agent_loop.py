@@ -5,6 +5,7 @@ local Ray cluster, and the embedded executor."""
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 
@@ -15,16 +16,6 @@ from omegaconf import OmegaConf
 
 from agent_system.config import EnvConfig
 from tests.samples import action
-
-pytestmark = pytest.mark.slow
-
-
-
-@pytest.fixture(scope="module")
-def policy():
-    from agent_system.policy_model import load_policy
-
-    return load_policy(None)
 
 
 def trainer_config(server, data_dir, workdir, **env):
@@ -143,13 +134,50 @@ def test_real_generation_runs_an_episode(ray_cluster, embedded_executor, data_di
     model, tokenizer = policy
     config = trainer_config(embedded_executor, data_dir, tmp_path, max_turns=2)
     backend = CPUServerManager(config, model=model, tokenizer=tokenizer, base_seed=1)
-    out = run_episode(config, backend, tokenizer, {"temperature": 1.0, "top_p": 1.0, "max_tokens": 48, "logprobs": True},
-                      **row(uuid.uuid4().hex))
-    assert out.extra_fields["episode_failed"] == ""
-    assert 1 <= len(out.extra_fields["turn_spans"]) <= 2
-    assert sum(out.response_mask) > 0 and out.reward_score is not None
-    assert out.response_logprobs is not None
-    assert all(lp <= 0 for lp, m in zip(out.response_logprobs, out.response_mask, strict=True) if m)
+    calls = []  # (the prompt the policy was given, what it generated), in order
+
+    class Recording:  # the real backend, watched: nothing is scripted
+        async def generate(self, request_id, *, prompt_ids, sampling_params, **kwargs):
+            output = await backend.generate(request_id, prompt_ids=prompt_ids, sampling_params=sampling_params)
+            calls.append((list(prompt_ids), output))
+            return output
+
+    out = run_episode(config, Recording(), tokenizer,
+                      {"temperature": 1.0, "top_p": 1.0, "max_tokens": 48, "logprobs": True}, **row(uuid.uuid4().hex))
+    extra = out.extra_fields
+    assert extra["episode_failed"] == ""
+    spans = extra["turn_spans"]
+    # task mode runs max_turns turns: one span, anchor, step reward and penalty per generation
+    assert len(calls) == len(spans) == 2
+    assert len(extra["anchors"]) == len(extra["step_rewards"]) == len(extra["step_penalties"]) == 2
+    assert out.num_turns == 4  # user, assistant, user (environment), assistant
+    assert len(out.response_ids) == len(out.response_mask) == len(out.response_logprobs)
+    # each turn's tokens are exactly what SmolLM2 generated, trained on (mask 1) with its own log-probs
+    for (start, end), (_, output) in zip(spans, calls, strict=True):
+        assert 0 < len(output.token_ids) <= 48 and end - start == len(output.token_ids)
+        assert out.response_ids[start:end] == output.token_ids
+        assert out.response_mask[start:end] == [1] * (end - start)
+        assert out.response_logprobs[start:end] == pytest.approx(output.log_probs)
+        assert all(math.isfinite(lp) and lp <= 0 for lp in output.log_probs)
+    # the response opens with the first turn and closes with the last; the environment's reply between turns
+    # is masked 0, with log-prob 0; the policy saw exactly the context the trainer gets
+    assert spans[0][0] == 0 and spans[-1][1] == len(out.response_mask)
+    policy_tokens = {i for start, end in spans for i in range(start, end)}
+    for i, (m, lp) in enumerate(zip(out.response_mask, out.response_logprobs, strict=True)):
+        if i not in policy_tokens:
+            assert (m, lp) == (0, 0.0), i
+    assert spans[0][1] < spans[1][0]  # the observation is there
+    assert calls[0][0] == out.prompt_ids
+    assert calls[1][0] == out.prompt_ids + out.response_ids[:spans[1][0]]
+    # reward: the sum of the step rewards less the format penalty of each invalid turn, as recorded
+    penalties, rewards = extra["step_penalties"], extra["step_rewards"]
+    assert set(penalties) <= {0.0, 0.1}
+    assert all(r == 0.0 for r, p in zip(rewards, penalties, strict=True) if p)  # an invalid turn earns nothing
+    assert extra["reward_components"] == {"return": pytest.approx(sum(rewards)),
+                                          "format": pytest.approx(-sum(penalties)), "cost": 0.0, "variety": 0.0}
+    assert out.reward_score == pytest.approx(sum(rewards) - sum(penalties))
+    if penalties[0]:
+        assert extra["anchors"][1] == extra["anchors"][0]  # an invalid turn does not move the state
 
 
 def test_killed_worker_fails_the_episode_without_hanging(ray_cluster, embedded_executor, data_dir, tmp_path, policy):

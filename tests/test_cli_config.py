@@ -5,6 +5,7 @@ has. Real `aflow` subprocesses, a real local OpenAI-compatible server, real even
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,14 +128,13 @@ def test_a_logger_that_cannot_start_stops_the_run_before_it_starts(tmp_path, gsm
 
 
 def test_wandb_without_the_package_is_one_line(tmp_path, gsm8k):
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
-        pass
-    else:
-        pytest.skip("wandb is installed here: the refusal cannot be shown")
+    # wandb as the CLI finds it where the package is missing, installed here or not: its import fails
+    hidden = tmp_path / "no-wandb" / "wandb"
+    hidden.mkdir(parents=True)
+    (hidden / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'wandb'\", name='wandb')\n")
     result = aflow(tmp_path, "evaluate", "--benchmark", "gsm8k", "--data-dir", str(gsm8k.parent),
-                   "--out", str(tmp_path / "out"), "--logger", "wandb")
+                   "--out", str(tmp_path / "out"), "--logger", "wandb",
+                   env={"PYTHONPATH": f"{hidden.parent}{os.pathsep}{REPO}"})
     one_line_error(result, "--logger wandb needs the wandb package")
 
 

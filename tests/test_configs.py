@@ -35,7 +35,12 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def test_presets_are_the_documented_five():
+def test_presets_are_the_documented_four():
+    """configs/preset holds exactly the presets of the README's `preset=` table, one row each."""
+    readme = (ROOT / "README.md").read_text().split("| `preset=` | for |\n|---|---|\n", 1)[1]
+    rows = readme.split("\n\n", 1)[0].splitlines()
+    documented = [row.split("`")[1] for row in rows]
+    assert len(documented) == 4 and set(documented) == set(PRESETS)
     assert set(PRESETS) == {"qwen2.5-7b-a100-80g", "qwen2.5-7b-a100-40g-lora", "cpu-smoke", "cpu-local"}
 
 
@@ -272,7 +277,7 @@ def test_other_estimators_compose_and_validate(overrides, critic):
     assert need_critic(config) is critic
 
 
-@pytest.mark.slow
+@pytest.mark.ray  # a real local Ray head
 def test_launch_refuses_a_plan_the_real_cluster_cannot_fit(tmp_path):
     """A real local Ray head (no GPU): `bash launch.sh` must refuse at once with one message and
     submit no job, instead of letting the trainer wait forever for resources."""

@@ -31,11 +31,6 @@ SAMPLE = {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "repetition_penalty": 1
 
 
 @pytest.fixture(scope="module")
-def policy():
-    return load_policy(None)
-
-
-@pytest.fixture(scope="module")
 def server(policy):
     model, tokenizer = policy
     return CPUServerManager(model=model, tokenizer=tokenizer)
@@ -211,7 +206,7 @@ def test_cached_policy_is_reused_and_saves(policy, tmp_path):
     assert reloaded_tokenizer.chat_template == tokenizer.chat_template
 
 
-@pytest.mark.slow
+@pytest.mark.model  # converts and loads the policy itself
 def test_first_load_converts_atomically_then_reuses(monkeypatch, tmp_path):
     target = tmp_path / "policy-cache"
     monkeypatch.setenv(CACHE_ENV, str(target))

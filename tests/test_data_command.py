@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from aflow.data import ARCHIVE_NAME, PINNED_SHA256, REQUIRED
+from tests.conftest import no_data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -29,10 +30,10 @@ def originals(request) -> dict[str, bytes]:
     """The checked split files, by name (skips unless every one is in the data directory)."""
     value = request.config.getoption("--data-dir") or os.environ.get("AFLOW_DATA_DIR")
     if not value or not Path(value).is_dir():
-        pytest.skip("no benchmark data: pass --data-dir or set AFLOW_DATA_DIR (the AFlow split files)")
+        no_data("no benchmark data: pass --data-dir or set AFLOW_DATA_DIR (the AFlow split files)")
     missing = [n for n in REQUIRED if not (Path(value) / n).is_file()]
     if missing:
-        pytest.skip(f"the data directory {value} lacks {', '.join(missing)}")
+        no_data(f"the data directory {value} lacks {', '.join(missing)}")
     return {n: (Path(value) / n).read_bytes() for n in REQUIRED}
 
 

@@ -13,7 +13,7 @@ import pytest
 from aflow.embedded import free_port
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_serve_executor_answers_and_stops_on_signal():
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "aflow.cli", "serve-executor", "--port", str(port)],
@@ -38,7 +38,7 @@ def test_serve_executor_answers_and_stops_on_signal():
         pass
 
 
-@pytest.mark.slow
+@pytest.mark.model
 def test_the_server_dies_with_a_killed_parent():
     """A parent killed by SIGKILL (OOM, a test runner's timeout) cannot stop the server it started;
     the server must not live on, holding its port and a CPU."""

@@ -315,7 +315,6 @@ def test_random_action_lines_never_crash_an_episode(data_dir, fake_openai, mode)
 
 # ---- Ray actors, the real embedded executor ----------------------------------------------------
 
-@pytest.mark.slow
 def test_canvas_task_mode_through_ray_actors(ray_cluster, embedded_executor, data_dir, tmp_path):
     from tests.test_env_worker import Episodes, env_dict
 

@@ -57,7 +57,6 @@ def env_dict(server, data_dir, **overrides):
             "data_dir": str(data_dir), **overrides}
 
 
-@pytest.mark.slow
 def test_task_mode_group_shares_its_start_and_merges_afterwards(ray_cluster, embedded_executor, data_dir, tmp_path):
     config = env_dict(embedded_executor, data_dir)
     workdir = str(tmp_path / f"env-{uuid.uuid4().hex[:6]}")
@@ -90,7 +89,11 @@ def test_task_mode_group_shares_its_start_and_merges_afterwards(ray_cluster, emb
         again = Episodes(config, group_n=1, workdir=workdir)
         obs_again = await again.reset([{"uid": uid, "extra_info": {"benchmark": "gsm8k"}}])
         assert start_graph(obs_again[0]) == start_graph(obs[0])
-        assert "Answer style 1. (did not improve" in obs_again[0] or "Answer style 1. (improved" in obs_again[0]
+        # its experience line: "improved" exactly when the child scored above its parent (the start)
+        before = next(n["mean"] for n in tree if not n["parent"])
+        after = next(n["mean"] for n in tree if n["modification"] == "Answer style 1.")
+        verdict = "improved" if after > before else "did not improve"
+        assert f"- Answer style 1. ({verdict}: {before:.4f} -> {after:.4f})" in obs_again[0], obs_again[0]
         await again.close()
         return summaries
 
@@ -101,7 +104,6 @@ def test_task_mode_group_shares_its_start_and_merges_afterwards(ray_cluster, emb
     assert total == pytest.approx(parts["return"] + parts["format"])
 
 
-@pytest.mark.slow
 def test_query_mode_scores_the_workflow_on_its_problem(ray_cluster, embedded_executor, data_dir, tmp_path):
     config = env_dict(embedded_executor, data_dir, mode="query", max_turns=2)
     row = {"uid": "q-1", "extra_info": {"benchmark": "gsm8k", "index": 0, "problem_id": "x",
@@ -183,8 +185,8 @@ def test_llm_judge_can_raise_a_qa_score(fake_openai, verdict, expected, tmp_path
     assert done
     judged = [r for r in fake_openai.chat_requests if "Reference answer(s)" in r.body["messages"][0]["content"]]
     assert len(judged) == 1 and "George Orwell (Eric Blair)" in judged[0].body["messages"][0]["content"]
-    if expected is None:
-        assert 0 < reward < 1 and reward == pytest.approx(lexical, abs=0.2)
+    if expected is None:  # the judge's no leaves the lexical F1 (4/7) as it is
+        assert reward == pytest.approx(lexical) == 4 / 7
     else:
         assert reward == expected
 

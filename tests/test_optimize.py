@@ -87,6 +87,9 @@ def test_kill_9_after_round_2_then_resume(tmp_path, data_dir):
         process.wait(timeout=30)
         before = tree_hashes(workspace, [1, 2])
         assert not (workspace / "round_4" / "scores.json").exists()
+        # rounds 1 and 2 finished; round 3 may have finished too before the kill landed
+        done = sorted(int(path.parent.name.split("_")[1]) for path in workspace.glob("round_*/scores.json"))
+        assert done in ([1, 2], [1, 2, 3])
 
         resumed = subprocess.run(optimize(workspace, server, "--rounds", "4", "--resume", data_dir=data_dir),
                                  capture_output=True, text=True, env=env, timeout=300)
@@ -101,7 +104,7 @@ def test_kill_9_after_round_2_then_resume(tmp_path, data_dir):
         assert scores["status"] == "evaluated" and len(scores["scores"]) == 1
     results = json.loads((workspace / "results.json").read_text())
     assert [r["round"] for r in results["rounds"]] == [1, 2, 3, 4]
-    assert "resume: 2 round(s) done" in resumed.stderr or "resume: 3 round(s) done" in resumed.stderr
+    assert f"resume: {len(done)} round(s) done, continuing at round {done[-1] + 1} of 4" in resumed.stderr
     experience = [json.loads(line) for line in (workspace / "experience.jsonl").read_text().splitlines()]
     assert [e["child"] for e in experience] == [2, 3, 4]
     assert len({e["modification"] for e in experience}) == 3
@@ -174,7 +177,7 @@ def test_experience_pool_is_safe_across_processes(tmp_path):
     assert ExperiencePool(path, scope="shared").mean_improvement(1) == pytest.approx(0.12)
 
 
-@pytest.mark.slow
+@pytest.mark.model  # `aflow optimize` starts the embedded executor
 def test_two_rounds_with_the_embedded_model_write_the_whole_workspace(tmp_path, data_dir):
     workspace = tmp_path / "ws"
     run = subprocess.run([sys.executable, "-m", "aflow.cli", "optimize", "--benchmark", "gsm8k",
@@ -191,7 +194,15 @@ def test_two_rounds_with_the_embedded_model_write_the_whole_workspace(tmp_path, 
         assert (workspace / name).is_file(), name
     assert len((workspace / "round_1" / "log.jsonl").read_text().splitlines()) == 2
     round_2 = json.loads((workspace / "round_2" / "scores.json").read_text())
-    assert round_2["status"] in ("evaluated", "rejected")  # SmolLM2 rarely writes a valid workflow
+    # SmolLM2 rarely writes a valid workflow: the round is what its recorded answers made it
+    attempts = [e for e in map(json.loads, (workspace / "expansions.jsonl").read_text().splitlines()) if e["round"] == 2]
+    assert [e["attempt"] for e in attempts] == list(range(1, len(attempts) + 1)) and len(attempts) <= 2
+    if attempts[-1]["valid"]:
+        assert round_2["status"] == "evaluated" and len(round_2["scores"]) == 1
+        assert (workspace / "round_2" / "graph.py").is_file()
+    else:  # both answers rejected, each for the reason recorded
+        assert len(attempts) == 2 and round_2["status"] == "rejected"
+        assert round_2["reasons"] == [e["reason"] for e in attempts]
 
 
 def test_search_stops_when_the_top_scores_converge(tmp_path, data_dir):

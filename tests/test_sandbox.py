@@ -16,7 +16,6 @@ import json
 import os
 import resource
 import select
-import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +30,7 @@ import pytest
 
 from aflow import sandbox
 from aflow.sandbox import Limits, SandboxResult, child_environment, run_code, run_workflow
+from tests.isolation import PRIVATE_ROOT, READONLY_HOST, assert_isolation, machine_mode
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux-only")
 
@@ -38,9 +38,10 @@ FAST = Limits(wall_seconds=5)
 HANG = Limits(wall_seconds=2)  # for payloads that never finish: the timeout is the expected outcome
 BOMB = Limits(wall_seconds=3)
 REPO = Path(sandbox.__file__).resolve().parents[2]
-# A write outside the working directory fails: on the read-only view, or because the path
-# does not exist in the sandbox's private root at all (the host's /tmp, the checkout).
-REFUSED = ("Read-only file system", "No such file or directory")
+# A write outside the working directory fails: in the private root because the path does not
+# exist there at all (the host's /tmp, the checkout), on the read-only host view because the
+# mount is read-only. Without namespaces nothing refuses it (and the tests below fail).
+REFUSED = {PRIVATE_ROOT: "No such file or directory", READONLY_HOST: "Read-only file system"}.get(machine_mode())
 
 
 # --------------------------------------------------------------------------- helpers
@@ -160,16 +161,6 @@ def spawned(monkeypatch):
                 continue
 
 
-def _namespaces_available() -> bool:
-    if os.geteuid() == 0:
-        return True
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--net", "--mount", "true"],
-                           capture_output=True, timeout=10)
-    return probe.returncode == 0
-
-
 def _machine_still_works() -> None:
     after = code("def solve():\n    return sum(range(7)) * 2", "solve")
     assert after.ok, after.error
@@ -186,7 +177,8 @@ def test_value_round_trip():
     assert result.ok, result.error
     assert result.value == "42"
     assert result.error is None
-    assert result.seconds < FAST.wall_seconds
+    # measured, in seconds (spawn to clean-up, so not bounded by the job's wall limit on a busy machine)
+    assert 0 < result.seconds < 60
 
 
 def test_code_without_entry_returns_none_and_keeps_prints():
@@ -209,17 +201,15 @@ def test_exception_names_type_message_and_line():
 
 
 def test_isolation_layers_reported():
+    """Every layer this machine gives is applied and reported, whichever mode it is (tests/isolation.py);
+    without namespaces (asked for here) the report claims none of theirs."""
     result = code("def solve():\n    return 1", "solve")
     assert result.ok, result.error
-    assert "rlimits" in result.isolation
-    assert "guard" in result.isolation
-    if not _namespaces_available():
-        pytest.skip("not root and `unshare` is unavailable: namespaces cannot be expected")
-    assert "netns" in result.isolation
-    assert "readonly-fs" in result.isolation
-    if os.geteuid() == 0:
-        assert "pidns" in result.isolation
-        assert "no-capabilities" in result.isolation
+    assert_isolation(result, FAST)
+    bare = Limits(wall_seconds=5, namespaces=False)
+    result = code("def solve():\n    return 1", "solve", bare)
+    assert result.ok, result.error
+    assert_isolation(result, bare)
 
 
 # --------------------------------------------------------------------------- file system
@@ -244,8 +234,7 @@ def test_write_outside_workdir_is_refused(run_body, outside_targets, where):
     """)
     assert not target.exists()
     assert not result.ok
-    assert any(reason in result.error for reason in REFUSED)
-    assert str(target) in result.error
+    assert f"{REFUSED}: {str(target)!r}" in result.error
     assert result.error.endswith(f"(line {run_body.first_line})")
 
 
@@ -260,7 +249,7 @@ def test_write_through_symlink_is_refused(run_body, tmp_path):
     """)
     assert not target.exists()
     assert not result.ok
-    assert any(reason in result.error for reason in REFUSED)
+    assert f"{REFUSED}: 'link'" in result.error  # refused where the link leads, the host path
 
 
 def test_write_in_workdir_works_and_is_removed(run_body):
@@ -359,7 +348,7 @@ def test_socket_connect_to_host_listener_fails(run_body, listener, how):
             socket.create_connection(("127.0.0.1", {port}), timeout=2)
             return "connected"
         """
-    else:  # the C module under `socket`, which the Python-level guard does not cover
+    else:  # the C module under `socket`: the guard patches it too
         body = f"""
             import _socket
             s = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
@@ -373,7 +362,7 @@ def test_socket_connect_to_host_listener_fails(run_body, listener, how):
     if how == "socket":
         assert "PermissionError: socket.create_connection is not allowed in the aflow sandbox" in result.error
     else:
-        assert result.error.startswith(("OSError:", "ConnectionRefusedError:", "PermissionError:"))
+        assert result.error == f"PermissionError: socket.socket is not allowed in the aflow sandbox (line {run_body.first_line + 1})"
     _assert_never_accepted(listener)
 
 
@@ -403,7 +392,7 @@ FORK_BOMBS = {
         while True:
             libc.fork()
     """,
-    # the builtin module behind os, which the guard does not patch
+    # the builtin module behind os (the guard patches it as well as os)
     "posix": """
         import posix
         while True:
@@ -417,14 +406,15 @@ FORK_BOMBS = {
 
 @pytest.mark.parametrize(("mode", "bomb"), [("code", "ctypes"), ("workflow", "ctypes"), ("code", "posix")])
 def test_fork_bomb_is_contained(spawned, mode, bomb):
-    result = body_runner(mode)(FORK_BOMBS[bomb], BOMB)
+    run = body_runner(mode)
+    result = run(FORK_BOMBS[bomb], BOMB)
     assert not result.ok
-    if result.error.startswith("PermissionError:"):
-        # a guard that covers this route refuses the first fork
-        assert "is not allowed in the aflow sandbox" in result.error
-    else:
+    if bomb == "posix":  # the guard covers this route: the first fork is refused
+        assert result.error == f"PermissionError: os.fork is not allowed in the aflow sandbox (line {run.first_line + 3})"
+    else:  # libc's fork bypasses the guard: the limits alone contain it
         assert result.error == f"timed out after {BOMB.wall_seconds:g}s (wall clock)"
-        assert result.seconds < BOMB.wall_seconds + 2.5
+        # returned soon after the limit (an unkilled bomb never ends; the kill itself: _survivors below)
+        assert result.seconds < BOMB.wall_seconds + 10
         # the bomb did fork (the guard was bypassed) ...
         assert len(spawned.pids) > 3
         # ... up to the pids cgroup's limit, when there is one
@@ -464,11 +454,14 @@ def test_infinite_loop_times_out(run_body):
     """, HANG)
     assert not result.ok
     assert result.error == f"timed out after {HANG.wall_seconds:g}s (wall clock)"
-    assert HANG.wall_seconds <= result.seconds < HANG.wall_seconds + 2
+    # killed at the wall limit: without it the loop runs on to the CPU limit (15 s of CPU, and
+    # another error); the margin is for a busy machine's spawn and clean-up
+    assert HANG.wall_seconds <= result.seconds < HANG.wall_seconds + 10
 
 
-def _memory_error(result: SandboxResult) -> bool:
-    return not result.ok and ("MemoryError" in result.error or "killed" in result.error)
+def _memory_error(result: SandboxResult, line: int) -> bool:
+    """The allocation on `line` met the address-space limit (RLIMIT_AS): a MemoryError, not a kill."""
+    return not result.ok and result.error == f"MemoryError (line {line})"
 
 
 def test_memory_bomb_single_allocation(run_body):
@@ -481,7 +474,7 @@ def test_memory_bomb_single_allocation(run_body):
         block = bytearray(8 << 30)
         return len(block)
     """)
-    assert _memory_error(result), result.error
+    assert _memory_error(result, run_body.first_line + 5), result.error
     assert result.value is None
 
 
@@ -491,8 +484,8 @@ def test_memory_bomb_gradual(run_body):
         while True:
             hoard.append(bytearray(8 << 20))
     """, Limits(wall_seconds=10, memory_mb=256))
-    assert _memory_error(result), result.error
-    assert result.seconds < 10
+    assert _memory_error(result, run_body.first_line + 2), result.error
+    # (a MemoryError, so the memory limit ended it, not the 10 s wall clock: no timing needed)
 
 
 def test_huge_output_is_capped_and_reported(run_body):
@@ -567,20 +560,17 @@ def solve():
 
 
 @pytest.mark.parametrize("snippet", [
-    # the C module behind os is not patched by the guard: the namespaces must hold
+    # the C module behind os: the guard patches it as well
     "import posix\ndef solve():\n    return posix.system('touch {target}')",
-    # reloading os restores the real functions from posix
+    # reloading os takes its functions from posix again: the patched ones
     "import importlib, os\nimportlib.reload(os)\ndef solve():\n    return os.system('touch {target}')",
 ])
 def test_guard_bypasses_still_cannot_write_outside(snippet, tmp_path):
     target = tmp_path / "marker"
     result = code(snippet.format(target=target), "solve")
     assert not target.exists()
-    # either the guard refuses it, or the shell runs and `touch` fails on the read-only mount
-    if result.ok:
-        assert result.value != "0"
-    else:
-        assert "PermissionError" in result.error
+    # refused by the guard, at the call on the snippet's last line
+    assert result.error == f"PermissionError: os.system is not allowed in the aflow sandbox (line {len(snippet.splitlines())})"
 
 
 # --------------------------------------------------------------------------- workflows and operators
@@ -725,7 +715,7 @@ class Workflow:
     result = workflow(graph, limits=HANG)
     assert not result.ok
     assert result.error == f"timed out after {HANG.wall_seconds:g}s (wall clock)"
-    assert result.seconds < HANG.wall_seconds + 2
+    assert result.seconds < HANG.wall_seconds + 10  # not the hour it sleeps; margin for a busy machine
 
 
 def test_operator_that_never_replies_times_out_and_is_cancelled():
@@ -782,11 +772,7 @@ def test_workflow_reports_isolation():
     result = workflow(graph, {"problem": "same"})
     assert result.ok, result.error
     assert result.value == "same"
-    assert "guard" in result.isolation
-    if not _namespaces_available():
-        pytest.skip("not root and `unshare` is unavailable: namespaces cannot be expected")
-    assert "netns" in result.isolation
-    assert "readonly-fs" in result.isolation
+    assert_isolation(result, FAST)
 
 
 def test_graph_reaching_modules_through_allowed_imports_is_contained(tmp_path, listener):
@@ -808,10 +794,13 @@ class Workflow:
             results.append("wrote")
         except OSError as exc:
             results.append("write: " + str(exc))
-        results.append("system: " + str(modules["posix"].system("touch {target}")))
-        sock = modules["_socket"].socket()
-        sock.settimeout(2)
         try:
+            results.append("system: " + str(modules["posix"].system("touch {target}")))
+        except OSError as exc:
+            results.append("system: " + str(exc))
+        try:
+            sock = modules["_socket"].socket()
+            sock.settimeout(2)
             sock.connect(("127.0.0.1", {port}))
             results.append("connected")
         except OSError as exc:
@@ -821,10 +810,9 @@ class Workflow:
     result = workflow(graph)
     assert not target.exists()
     _assert_never_accepted(listener)
-    if result.ok:
-        write, system, connect = result.value
-        assert any(reason in write for reason in REFUSED)
-        assert system != "system: 0"
-        assert connect.startswith("connect: ")
-    else:  # a stricter guard may refuse one of the steps outright
-        assert "PermissionError" in result.error
+    assert result.ok, result.error
+    write, system, connect = result.value
+    assert write.startswith("write: [Errno ") and write.endswith(f"{REFUSED}: {str(target)!r}"), write
+    # the guard patches the modules themselves, so reaching them another way changes nothing
+    assert system == "system: os.system is not allowed in the aflow sandbox"
+    assert connect == "connect: socket.socket is not allowed in the aflow sandbox"

@@ -15,8 +15,6 @@ import glob
 import importlib.util
 import json
 import os
-import shutil
-import subprocess
 import sys
 import sysconfig
 import tempfile
@@ -27,6 +25,7 @@ import pytest
 
 import aflow
 from aflow.sandbox import Limits, Sandbox, SandboxResult
+from tests.isolation import PRIVATE_ROOT, PROCESS_ONLY, assert_isolation, machine_mode
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux-only")
 
@@ -54,18 +53,11 @@ def solve():
 """
 
 
-def _namespaces_available() -> bool:
-    if os.geteuid() == 0:
-        return True
-    if shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(["unshare", "--user", "--map-root-user", "--net", "--mount", "--pid", "--fork", "true"],
-                           capture_output=True, timeout=10)
-    return probe.returncode == 0
-
-
-needs_namespaces = pytest.mark.skipif(not _namespaces_available(),
-                                      reason="no namespaces here: a private root cannot be built")
+# The view this machine gives a job (tests/isolation.py), and every run is checked to report it.
+# A private root hides the host; without one (the host's mounts made read-only, or no namespaces
+# at all) the job sees the host as this process does, and each test checks that instead of a skip.
+VIEW = machine_mode()
+PRIVATE = VIEW == PRIVATE_ROOT
 
 
 @pytest.fixture(params=["zygote", "fresh"])
@@ -81,7 +73,10 @@ def run(mode: str, *jobs: tuple[str, str | None]) -> list[SandboxResult]:
             assert (sandbox._zygote is not None) == (mode == "zygote")
             return await asyncio.gather(*(sandbox.run_code(code, entry, LIMITS) for code, entry in jobs))
 
-    return asyncio.run(go())
+    results = asyncio.run(go())
+    for result in results:
+        assert_isolation(result, LIMITS)
+    return results
 
 
 def read_paths(mode: str, paths: list[str]) -> dict:
@@ -95,6 +90,24 @@ def assert_hidden(seen: dict, paths: list[str], *secrets: str) -> None:
         assert seen[path] in HIDDEN, f"{path}: {seen[path][:200]}"
     for secret in secrets:  # in what the job found, not in the paths it was asked about
         assert secret not in json.dumps(list(seen.values()))
+
+
+def host_view(path: str) -> str:
+    """What READER reports for `path` when this process runs it: the host's view."""
+    try:
+        if os.path.isdir(path):
+            return "listed " + json.dumps(sorted(os.listdir(path)))
+        with open(path, "rb") as f:
+            return "read " + f.read(300).decode("latin-1")
+    except OSError as exc:
+        return type(exc).__name__
+
+
+def assert_host_view(seen: dict, paths: list[str]) -> None:
+    """Without a private root (the report says so) the job sees these paths as this process does."""
+    assert not PRIVATE
+    for path in paths:
+        assert seen[path] == host_view(path), f"{path}: {seen[path][:200]}"
 
 
 @pytest.fixture
@@ -114,23 +127,28 @@ def planted_in_home():
 # --------------------------------------------------------------------------- hidden
 
 
-@needs_namespaces
 def test_home_directory_is_not_readable(mode, planted_in_home):
     path, secret = planted_in_home
     home = str(Path.home())
     paths = [str(path), f"{home}/.ssh", f"{home}/.cache", f"{home}/.config", f"{home}/.bashrc"]
     seen = read_paths(mode, paths + [home])
+    if not PRIVATE:
+        assert seen[str(path)] == f"read {secret}"
+        assert_host_view(seen, paths + [home])
+        return
     assert_hidden(seen, paths, secret, path.name)
     if seen[home] not in HIDDEN:  # /root is on the way to a Python installed under it, and shows only that
         listed = json.loads(seen[home][len("listed "):])
         assert not [name for name in listed if name.startswith(".aflow") or name in (".ssh", ".cache")]
 
 
-@needs_namespaces
 def test_project_checkout_is_not_readable(mode):
     paths = [str(REPO), str(REPO / "pyproject.toml"), aflow.__file__, str(REPO / "aflow" / "sandbox" / "child.py"),
              str(REPO / "tests")]
     seen = read_paths(mode, paths)
+    if not PRIVATE:
+        assert_host_view(seen, paths)
+        return
     assert_hidden(seen, paths, "aflow-rl")
 
 
@@ -145,7 +163,6 @@ def _installed_modules() -> dict[str, str]:
     return found
 
 
-@needs_namespaces
 def test_installed_packages_cannot_be_imported_or_read(mode):
     modules = _installed_modules()
     assert "pytest" in modules
@@ -169,15 +186,17 @@ def solve():
     assert imports.ok, imports.error
     assert set(json.loads(imports.value).values()) == {"ModuleNotFoundError"}, imports.value
     seen = read_paths(mode, sorted(modules.values()) + site_dirs + [sys.prefix])
+    assert not [entry for entry in seen["sys.path"] if "packages" in entry or entry.startswith(str(REPO))]
+    if not PRIVATE:  # not importable (-I -S), but readable by path
+        assert_host_view(seen, sorted(modules.values()) + site_dirs + [sys.prefix])
+        return
     assert_hidden(seen, sorted(modules.values()))
     for path in site_dirs:  # gone, or an empty directory standing over it
         assert seen[path] in HIDDEN or seen[path] == "listed []", f"{path}: {seen[path][:200]}"
     if sys.prefix != sys.base_prefix:  # the virtualenv itself
         assert seen[sys.prefix] in HIDDEN
-    assert not [entry for entry in seen["sys.path"] if "packages" in entry or entry.startswith(str(REPO))]
 
 
-@needs_namespaces
 def test_benchmark_data_is_not_readable(mode, tmp_path):
     secret = f"gold-answer-{uuid.uuid4().hex}"
     data = tmp_path / "data"
@@ -188,10 +207,13 @@ def test_benchmark_data_is_not_readable(mode, tmp_path):
     if shared and Path(shared).is_dir():
         paths += [shared] + sorted(str(p) for p in Path(shared).glob("*.jsonl"))[:3]
     seen = read_paths(mode, paths)
+    if not PRIVATE:
+        assert seen[str(data / "gsm8k_test.jsonl")].startswith("read ") and secret in seen[str(data / "gsm8k_test.jsonl")]
+        assert_host_view(seen, paths)
+        return
     assert_hidden(seen, paths, secret)
 
 
-@needs_namespaces
 def test_other_sandboxes_and_the_parents_temp_files_are_invisible(mode, tmp_path):
     """While one job holds a secret in its working directory, another looks for it."""
     secret = f"other-sandbox-{uuid.uuid4().hex}"
@@ -234,18 +256,28 @@ def solve():
     first, second = asyncio.run(go())
     assert first.ok, first.error
     assert second.ok, second.error
+    assert_isolation(first, LIMITS)
+    assert_isolation(second, LIMITS)
     seen = json.loads(second.value)
+    if not PRIVATE:  # the host's temp directory, the other job's file and the parent's in it
+        assert seen[str(tmp_path)] == ["parent.txt"]
+        assert secret in second.value
+        return
     assert seen["found"] == {}
     assert seen["tmp"] == [os.path.basename(seen["cwd"])]  # only its own working directory
     assert seen[str(tmp_path)] in HIDDEN
     assert secret not in second.value
 
 
-@needs_namespaces
 def test_system_files_are_not_readable(mode):
     paths = ["/etc", "/etc/passwd", "/etc/shadow", "/etc/hosts", "/home", "/work", "/sys", "/var", "/opt",
              "/usr/bin", "/bin/sh", "/dev/shm", "/dev/vda", "/proc/1/root/etc/passwd"]
     seen = read_paths(mode, paths)
+    if not PRIVATE:
+        assert "root:x:0:0" in seen["/etc/passwd"]
+        assert_host_view(seen, paths)
+        assert_host_view(read_paths(mode, ["/dev"]), ["/dev"])
+        return
     assert_hidden(seen, paths, "root:x:0:0")
     assert read_paths(mode, ["/dev"])["/dev"] == 'listed ["null", "random", "urandom", "zero"]'
 
@@ -285,7 +317,6 @@ def solve():
 """
 
 
-@needs_namespaces
 def test_standard_library_still_works(mode):
     result, = run(mode, (STDLIB, "solve"))
     assert result.ok, result.error
@@ -293,10 +324,8 @@ def test_standard_library_still_works(mode):
         "collections": "a", "datetime": "2024-01-31", "decimal": "0.3", "fractions": "1",
         "hashlib": "2d711642", "heapq": [1, 4], "itertools": [1, 3, 6], "math": 10, "random": 8,
         "re": ["1", "22"], "sqlite3": 10, "statistics": 2, "tempfile": True}
-    assert "private-root" in result.isolation
 
 
-@needs_namespaces
 def test_workflow_runs_in_the_private_root(mode):
     """A workflow job (asyncio, operator calls over the pipe) works with nothing else to see."""
     graph = """
@@ -321,15 +350,20 @@ class Workflow:
 
     result = asyncio.run(go())
     assert result.ok, result.error
-    assert "private-root" in result.isolation
+    assert_isolation(result, LIMITS)
     value = json.loads(result.value)
     assert value["replies"] == ["Custom:p 0", "Custom:p 1", "Custom:p 2"]
+    if not PRIVATE:  # the host's root
+        assert value["root"] == sorted(os.listdir("/"))
+        return
     assert not {"etc", "home", "work", "sys", "var", "opt", "bin"} & set(value["root"])
     assert {"dev", "proc", "tmp", "usr"} <= set(value["root"])
 
 
-@needs_namespaces
-def test_only_the_working_directory_is_writable(mode):
+def test_only_the_working_directory_is_writable(mode, tmp_path):
+    # Without namespaces nothing stops a write: there it is tried only where it does no harm.
+    outside = (repr([str(tmp_path / "new.txt")]) if VIEW == PROCESS_ONLY
+               else '("/new.txt", "/tmp/new.txt", "/dev/new", sys.prefix + "/new.txt")')
     code = """
 import json, os, sys
 
@@ -339,19 +373,22 @@ def solve():
     with open("sub/notes.txt", "w") as f:
         f.write("kept")
     outcome = {"workdir": open("sub/notes.txt").read()}
-    for path in ("/new.txt", "/tmp/new.txt", "/dev/new", sys.prefix + "/new.txt"):
+    for path in OUTSIDE:
         try:
             open(path, "w").close()
             outcome[path] = "written"
         except OSError as exc:
             outcome[path] = exc.strerror
     return json.dumps(outcome)
-"""
+""".replace("OUTSIDE", outside)
     result, = run(mode, (code, "solve"))
     assert result.ok, result.error
     outcome = json.loads(result.value)
     assert outcome.pop("workdir") == "kept"
-    assert set(outcome.values()) == {"Read-only file system"}, outcome
+    if VIEW == PROCESS_ONLY:
+        assert outcome == {str(tmp_path / "new.txt"): "written"} and (tmp_path / "new.txt").exists()
+        return
+    assert len(outcome) == 4 and set(outcome.values()) == {"Read-only file system"}, outcome
 
 
 # --------------------------------------------------------------------------- what the parent records

@@ -202,12 +202,41 @@ torch.distributed.destroy_process_group()
 from verl.utils.checkpoint.checkpoint_manager import BaseCheckpointManager
 BaseCheckpointManager.load_rng_state(BaseCheckpointManager.get_rng_state())  # what a resume does
 """
-    result = _fresh(code, VERL_USE_EXTERNAL_MODULES="agent_system.verl_cpu", VERL_PLATFORM="cpu")
+    result = _fresh(code, VERL_USE_EXTERNAL_MODULES="agent_system.verl_cpu.plugin", VERL_PLATFORM="cpu")
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen == {"device": "cpu", "device_id": "cpu", "engine": "ConstrainedFSDPEngineWithLMHead",
                     "value_engine": "FSDPEngineWithValueHead", "pg_backend": "cpu:gloo", "pinned": False,
                     "adapter": "CPUServerAdapter", "replica": "CPUReplica"}
+
+
+def test_reading_the_package_leaves_verl_as_it_ships():
+    """Only `agent_system.verl_cpu.plugin` registers anything: a process that imports the package's other
+    modules for their classes (these tests, the bench, the constrained-decoding tests) keeps verl's own
+    registries and functions, so no test's verdict depends on which test imported what before it."""
+    code = """
+import json
+import agent_system.verl_cpu, agent_system.verl_cpu.platform, agent_system.verl_cpu.rollout
+import agent_system.verl_cpu.constrained_engine
+import verl.utils.distributed as distributed
+from verl.plugin.platform import PlatformRegistry
+from verl.workers.rollout.replica import RolloutReplicaRegistry
+seen = {"platform": PlatformRegistry.get("cpu") is not None,
+        "rebound": hasattr(distributed.initialize_global_process_group_ray, "_aflow_verl_cpu")}
+try:
+    RolloutReplicaRegistry.get("cpu")
+    seen["replica"] = True
+except Exception:
+    seen["replica"] = False
+import agent_system.verl_cpu.plugin
+seen["after"] = [PlatformRegistry.get("cpu") is not None,
+                 hasattr(distributed.initialize_global_process_group_ray, "_aflow_verl_cpu")]
+print(json.dumps(seen))
+"""
+    result = _fresh(code)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen == {"platform": False, "rebound": False, "replica": False, "after": [True, True]}
 
 
 def test_other_verl_versions_are_refused_in_one_line():
@@ -218,7 +247,7 @@ def test_other_verl_versions_are_refused_in_one_line():
     message = str(caught.value)
     assert "\n" not in message and "verl 0.9.1 only" in message and "0.9.2" in message
 
-    result = _fresh("import verl; verl.__version__ = '0.10.0'; import agent_system.verl_cpu")
+    result = _fresh("import verl; verl.__version__ = '0.10.0'; import agent_system.verl_cpu.plugin")
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("RuntimeError: agent_system.verl_cpu supports verl 0.9.1 only, found verl 0.10.0")

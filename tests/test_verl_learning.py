@@ -48,8 +48,6 @@ from aflow.operators import OPERATOR_NAMES
 from tests.toy_task import CHAIN_LENGTH, LETTERS
 from tests.verl_log import logger_env, step_metrics
 
-pytestmark = pytest.mark.slow
-
 ROOT = Path(__file__).resolve().parent.parent
 # The trained run's best WINDOW-step mean reward must beat the control's best by MARGIN, each the highest
 # mean over WINDOW consecutive steps (the same selection on both sides). Not first-vs-last steps of one run:
@@ -70,22 +68,22 @@ LR = 0.01
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory):
-    """A randomly initialised Llama (hidden 64, 2 layers) with the SmolLM2 tokenizer, saved as an HF directory."""
+    """A randomly initialised Llama (hidden 64, 2 layers) over the toy task's own word-level vocabulary
+    (tests/toy_task.save_toy_tokenizer), saved as a Hugging Face model directory."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from agent_system.policy_model import load_policy, resolve_cache_dir
+    from tests.toy_task import save_toy_tokenizer
 
-    if not (resolve_cache_dir() / "config.json").is_file():
-        load_policy(None)  # converts the embedded SmolLM2 once (for its tokenizer)
-    tokenizer = AutoTokenizer.from_pretrained(str(resolve_cache_dir()))
+    path = tmp_path_factory.mktemp("tiny-llama")
+    save_toy_tokenizer(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
                                          num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
                                          max_position_embeddings=512, tie_word_embeddings=True,
-                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
-    path = tmp_path_factory.mktemp("tiny-llama")
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id))
     model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
     return path
 
 
@@ -180,12 +178,20 @@ def best_window(rewards: list[float]) -> float:
     return max(mean(rewards[i:i + WINDOW]) for i in range(len(rewards) - WINDOW + 1))
 
 
-def test_verl_policy_learns_toy_reward_and_the_lr0_control_does_not(tiny_model_dir, toy_data, tmp_path):
+@pytest.fixture(scope="module")
+def toy_learning_runs(tiny_model_dir, toy_data, tmp_path_factory):
+    """The trained run (lr LR) and its lr=0 control, same seeds and code path, each its own process."""
     parquet, agent_loops = toy_data
-    trained = rewards_of(train(tiny_model_dir, parquet, agent_loops, tmp_path / "trained", LR), LR)
-    control = rewards_of(train(tiny_model_dir, parquet, agent_loops, tmp_path / "control", 0.0), 0.0)
+    base = tmp_path_factory.mktemp("toy-learning")
+    trained = rewards_of(train(tiny_model_dir, parquet, agent_loops, base / "trained", LR), LR)
+    control = rewards_of(train(tiny_model_dir, parquet, agent_loops, base / "control", 0.0), 0.0)
+    return trained, control
+
+
+def test_verl_policy_learns_toy_reward_and_the_lr0_control_does_not(toy_learning_runs):
+    trained, control = toy_learning_runs
     # random menu letters earn ~0.17; without `allowed_token_ids` reaching the cpu rollout, a random-init
-    # model would sample from the whole vocabulary and earn ~0
+    # model would sample from the whole vocabulary and earn less
     assert mean(control[:WINDOW]) > 0.08, f"sampling was not restricted to the menu letters: {control[:WINDOW]}"
     rise = mean(control[-WINDOW:]) - mean(control[:WINDOW])
     assert rise < CONTROL_DRIFT, f"the lr=0 control moved by {rise:+.3f}: {control}"

@@ -2,7 +2,7 @@
 
 verl imports the modules named in `VERL_USE_EXTERNAL_MODULES` from its own `__init__`, in every process that
 imports verl (driver, task runner, FSDP workers, agent-loop and reward workers, rollout servers). Naming
-this package there (`recipes.train` does it through Ray's runtime env when `trainer.device=cpu`) registers:
+its `plugin` module there (`recipes.train` does it through Ray's runtime env when `trainer.device=cpu`) registers:
 
 * `platform`: a "cpu" platform (select it with `VERL_PLATFORM=cpu`), the FSDP engines for device "cpu",
   the gloo-only process group and the unpinned FSDP2 offload policy;
@@ -11,12 +11,16 @@ this package there (`recipes.train` does it through Ray's runtime env when `trai
 
 Each registration relies on a verl internal of 0.9.1 (tests/test_verl_cpu.py pins them), so any other
 verl version is refused with one line rather than failing somewhere inside a Ray worker.
+
+The registrations happen when `agent_system.verl_cpu.plugin` is imported (the module named in
+`VERL_USE_EXTERNAL_MODULES`), never as a side effect of importing this package or its other modules: a
+process that only reads a class from here (a test, the bench) keeps verl as verl ships it.
 """
 
 from __future__ import annotations
 
 SUPPORTED_VERL = "0.9.1"
-MODULE = __name__
+MODULE = __name__  # the name the refusal gives
 
 
 def check_verl_version(version: str | None = None) -> None:
@@ -29,10 +33,3 @@ def check_verl_version(version: str | None = None) -> None:
         raise RuntimeError(f"{MODULE} supports verl {SUPPORTED_VERL} only, found verl {version}: "
                            f"its registrations rely on that release's internals")
 
-
-check_verl_version()
-
-from agent_system.verl_cpu import platform, rollout  # noqa: E402
-
-platform.install()
-rollout.install()

@@ -1,0 +1,102 @@
+"""A pytest plugin: a test's tier follows from what it starts.
+
+Markers (declared in pyproject.toml; `--strict-markers` refuses any other):
+  model  starts a model: the embedded llama.cpp executor or the SmolLM2 policy
+  ray    starts a Ray cluster
+  fit    runs a verl fit (RayPPOTrainer), which starts both
+  sweep  scores whole splits in the sandbox (minutes of CPU)
+  slow   any of the four: the tier `-m "not slow"` leaves out
+  gpu    needs a CUDA GPU (tests/gpu; skipped without one)
+
+Tests get a model, Ray or a fit through the fixtures in STARTS, and the marker is added at collection from
+the fixtures a test uses; a test that starts one in a subprocess it runs itself (`aflow serve-executor`,
+`aflow evaluate` with no executor) says so with the marker. `slow` is never written by hand: it is added to
+every test that carries one of the four. A test without the marker that starts one anyway fails with the
+reason, so the tiers cannot drift: an audit hook sees every subprocess this pytest process starts (Ray's
+gcs_server/raylet, a llama.cpp server, `recipes.train`, `launch.sh`).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+
+# fixture -> the marker of what it starts
+STARTS = {
+    "embedded_executor": "model",
+    "policy": "model",
+    "ray_cluster": "ray",
+    "_ray_session": "ray",
+    "main_job_run": "fit",
+    "toy_learning_runs": "fit",
+}
+SLOW = ("model", "ray", "fit", "sweep")
+# a subprocess whose command line holds one of these starts what the marker names
+COMMANDS = {
+    "gcs_server": "ray",
+    "raylet": "ray",
+    "ray start": "ray",
+    "llama_cpp.server": "model",
+    "serve-executor": "model",
+    "recipes.train": "fit",
+    "run_local_grpo.sh": "fit",
+    "launch.sh": "fit",  # except for --help and --dry-run (ALLOWED)
+}
+ALLOWED = ("--help", "-h", "help", "--dry-run")
+IMPLIES = {"fit": ("ray", "model")}  # a verl fit starts its own Ray cluster and loads the policy
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        for name, marker in STARTS.items():
+            if name in item.fixturenames and item.get_closest_marker(marker) is None:
+                item.add_marker(marker)
+        starts = [m for m in SLOW if item.get_closest_marker(m) is not None]
+        if starts and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.slow(reason="starts " + ", ".join(starts)))
+
+
+class _Guard:
+    """Records, while a test runs, every subprocess it starts that starts a model, Ray or a fit."""
+
+    def __init__(self) -> None:
+        self.test: str | None = None
+        self.seen: list[tuple[str, str]] = []
+
+    def __call__(self, event: str, args: tuple) -> None:
+        if self.test is None or event != "subprocess.Popen":
+            return
+        argv = args[1]
+        words = [str(a) for a in argv] if isinstance(argv, (list, tuple)) else [str(argv)]
+        line = " ".join(words)
+        if any(flag in words for flag in ALLOWED):
+            return
+        for needle, marker in COMMANDS.items():
+            if needle in line:
+                self.seen.append((marker, line[:160]))
+
+
+_guard = _Guard()
+
+
+def pytest_configure(config):
+    sys.addaudithook(_guard)
+
+
+@pytest.fixture(autouse=True)
+def starts_only_what_it_is_marked_for(request):
+    """A test may start a model, Ray or a fit only when it carries that marker (see the module docstring)."""
+    _guard.test, _guard.seen = request.node.nodeid, []
+    try:
+        yield
+    finally:
+        seen, _guard.test = _guard.seen, None
+    marked = {m for m in SLOW if request.node.get_closest_marker(m) is not None}
+    marked |= {implied for m in marked for implied in IMPLIES.get(m, ())}
+    unmarked = [(marker, line) for marker, line in seen if marker not in marked]
+    if unmarked:
+        marker, line = unmarked[0]
+        pytest.fail(f"{request.node.nodeid} started {line!r} without the marker `{marker}`: use the fixture "
+                    f"that starts it (tests/tiers.py STARTS) or mark the test @pytest.mark.{marker}", pytrace=False)
