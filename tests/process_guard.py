@@ -39,6 +39,7 @@ class Proc:
     pid: int
     ppid: int
     state: str
+    sid: int  # session: a fit's processes keep its session when orphaned
     start: int  # clock ticks since boot: a pid reused by a new process has another start time
 
 
@@ -49,7 +50,7 @@ def _read(pid: int) -> Proc | None:
     except OSError:
         return None
     fields = stat[stat.rindex(")") + 2:].split()
-    return Proc(pid, int(fields[1]), fields[0], int(fields[19]))
+    return Proc(pid, int(fields[1]), fields[0], int(fields[3]), int(fields[19]))
 
 
 def snapshot() -> dict[int, Proc]:
@@ -76,6 +77,15 @@ def carries(pid: int, mark: bytes) -> bool:
         return False
 
 
+_exempt: set[int] = set()
+
+
+def exempt(pid: int) -> None:
+    """A process the session itself runs in the background (a shared verl fit, tests/fits.py): neither it nor
+    its descendants belong to the test that happens to be running when they start."""
+    _exempt.add(pid)
+
+
 def new_processes(before: dict[int, Proc], me: int | None = None) -> list[Proc]:
     """Live processes started since `before` that this process (or an orphaned child of it) left running."""
     me = os.getpid() if me is None else me
@@ -88,13 +98,13 @@ def new_processes(before: dict[int, Proc], me: int | None = None) -> list[Proc]:
 
     leaked = []
     for proc in now.values():
-        if proc.pid == me or proc.state in "ZX" or not is_new(proc):
+        if proc.pid == me or proc.state in "ZX" or not is_new(proc) or _exempt & {proc.pid, proc.sid}:
             continue
         parent, seen = proc, set()
         while parent.ppid not in (me, 0, 1) and parent.ppid in now and parent.ppid not in seen:
             seen.add(parent.pid)
             parent = now[parent.ppid]
-            if not is_new(parent):  # below a process older than the test: a wider fixture's
+            if not is_new(parent) or parent.pid in _exempt:  # below a wider fixture's process, or a fit's
                 break
         else:
             if parent.ppid == me or (parent.ppid == 1 and os.environ.get(SESSION_VAR) and carries(parent.pid, mark)):

@@ -80,7 +80,8 @@ def test_a_server_that_is_not_openai_is_a_setup_error(tmp_path, gsm8k, plain_htt
     result = run(tmp_path, command(gsm8k.parent, "--benchmark", "gsm8k", "--limit", "2", "--no-cache",
                                    "--out", str(tmp_path / "out"), base_url=plain_http_server + suffix))
     one_line_error(result, "test chat completion", "HTTP 501", plain_http_server + suffix, "/v1")
-    assert time.monotonic() - started < 30  # no five retries per problem
+    # exit 2 at set-up (above) is what shows no problem ran, let alone retried; this only bounds a hang
+    assert time.monotonic() - started < 60
     assert not (tmp_path / "out" / "summary.json").exists()
 
 
@@ -187,8 +188,8 @@ def test_bad_out_is_one_line_before_the_embedded_server(tmp_path, gsm8k, kind):
     result = run(tmp_path, command(gsm8k.parent, "--benchmark", "gsm8k", "--limit", "1", "--out", str(out)),
                  timeout=60)
     one_line_error(result, "--out", str(out))
-    assert "starting the embedded" not in result.stderr
-    assert time.monotonic() - started < 20
+    assert "starting the embedded" not in result.stderr  # what shows the server never started
+    assert time.monotonic() - started < 45  # a hang guard (~1.5 s here), below the run's 60 s timeout
 
 
 # ---- 6. a workflow that fails its checks; records carry the expected answer ----------------
@@ -241,7 +242,9 @@ def test_code_records_carry_the_solution_and_tests(tmp_path, data_dir):
 
 def test_ctrl_c_keeps_completed_records_and_says_where(tmp_path, gsm8k):
     out = tmp_path / "out"
-    with FakeOpenAI(latency=2.0) as fake:
+    # The probe and the first two problems are answered; every later call stalls for an hour (ended
+    # when the fake stops), so only cancelling them can end the run soon after Ctrl-C.
+    with FakeOpenAI(faults=["ok"] * 3, default_fault="stall", stall_seconds=3600) as fake:
         process = subprocess.Popen(
             command(gsm8k.parent, "--benchmark", "gsm8k", "--limit", "6", "--concurrency", "2", "--no-cache",
                     "--out", str(out), "--json", base_url=fake.base_url),
@@ -253,7 +256,10 @@ def test_ctrl_c_keeps_completed_records_and_says_where(tmp_path, gsm8k):
                 assert process.poll() is None, process.communicate()
                 assert time.monotonic() < deadline, "no record written"
                 time.sleep(0.05)
-            time.sleep(0.3)  # the next two problems are mid-call
+            while fake.in_flight < 2:  # the next two problems are mid-call
+                assert process.poll() is None, process.communicate()
+                assert time.monotonic() < deadline, "the next problems never called"
+                time.sleep(0.05)
             process.send_signal(signal.SIGINT)
             sent = time.monotonic()
             stdout, stderr = process.communicate(timeout=30)
@@ -263,7 +269,7 @@ def test_ctrl_c_keeps_completed_records_and_says_where(tmp_path, gsm8k):
                 process.kill()
                 process.wait()
     assert process.returncode == 130, stderr
-    assert took < 3.0, took
+    assert took < 15.0, took  # the stalled calls were cancelled, not awaited (an hour)
     records = read_jsonl(out / "results.jsonl")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["interrupted"] is True and summary["planned"] == 6

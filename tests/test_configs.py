@@ -19,6 +19,7 @@ from agent_system.config import EnvConfig  # noqa: E402
 from recipes import config as config_module  # noqa: E402
 from recipes import dry_run, preflight, train  # noqa: E402
 from recipes.config import CONFIG_DIR, ConfigError, compose  # noqa: E402
+from tests.process_guard import carries  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # verl's "engine X is not available" at import
 
@@ -278,6 +279,7 @@ def test_other_estimators_compose_and_validate(overrides, critic):
 
 
 @pytest.mark.ray  # a real local Ray head
+@pytest.mark.fit  # `bash launch.sh` of the real job (its preflight refuses it)
 def test_launch_refuses_a_plan_the_real_cluster_cannot_fit(tmp_path):
     """A real local Ray head (no GPU): `bash launch.sh` must refuse at once with one message and
     submit no job, instead of letting the trainer wait forever for resources."""
@@ -286,7 +288,7 @@ def test_launch_refuses_a_plan_the_real_cluster_cannot_fit(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**_env(tmp_path), "RAY_AUTH_MODE": "token"}
+    env = {**_env(tmp_path), "RAY_AUTH_MODE": "token", "AFLOW_TEST_RAY_HEAD": str(port)}
     ray_bin = str(Path(sys.executable).with_name("ray"))
     temp_dir = f"/tmp/ray-t{port}"  # short: Ray's unix sockets live under it; also how we find our processes
     start = subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--num-cpus", "2", "--num-gpus", "0",
@@ -301,14 +303,12 @@ def test_launch_refuses_a_plan_the_real_cluster_cannot_fit(tmp_path):
         refusal = [line for line in launch.stderr.splitlines() if "trainer.n_gpus_per_node" in line]
         assert len(refusal) == 1 and "GPU" in refusal[0]
         assert "submitting" not in launch.stdout + launch.stderr
-    finally:  # stop only this head (`ray stop` would stop every Ray on the machine, the tests' own too)
-        for pid in os.listdir("/proc"):
-            try:
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if pid.isdigit() and temp_dir.encode() in cmdline:
+    finally:  # stop only this head (`ray stop` would stop every Ray on the machine, the tests' own too): every
+        # process it started carries its mark (Ray's agents rename themselves, so a command line may not tell)
+        mark = f"AFLOW_TEST_RAY_HEAD={port}".encode()
+        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
+            if carries(pid, mark):
                 try:
-                    os.kill(int(pid), 9)
+                    os.kill(pid, 9)
                 except ProcessLookupError:
                     pass

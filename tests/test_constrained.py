@@ -117,11 +117,13 @@ def _recompute(model, constraint, prompt_ids, output, temperature, prompt_cache=
 
 def test_building_is_fast_cached_and_every_state_continues(policy, constraint):
     _, tokenizer = policy
-    started = time.monotonic()
+    started, cpu = time.monotonic(), time.process_time()
     fresh = TokenConstraint(tokenizer, constraint.grammar)
-    built = time.monotonic() - started
-    print(f"TokenConstraint for {len(tokenizer)} tokens built in {built:.2f} s")
-    assert built < 15  # ~1-2 s alone; the bound leaves room for a loaded 2-core machine
+    built, cpu = time.monotonic() - started, time.process_time() - cpu
+    print(f"TokenConstraint for {len(tokenizer)} tokens built in {built:.2f} s ({cpu:.2f} s of CPU)")
+    # ~1-2 s of CPU (`python -m bench.token_constraint` times it); CPU time, which a busy machine
+    # does not inflate as it does the wall clock
+    assert cpu < 15
     assert token_constraint(tokenizer, GRAMMAR) is constraint
     assert token_constraint(tokenizer, GRAMMAR, len(tokenizer)) is constraint
     assert all(bool(constraint.allowed(s).any()) for s in constraint.grammar.states)

@@ -367,7 +367,12 @@ def test_a_request_cancelled_while_queued_is_skipped_and_the_server_goes_on(poli
     async def main():
         long = asyncio.create_task(server.generate("long", prompt_ids=prompt_ids,
                                                    sampling_params=dict(params, max_tokens=40)))
-        await asyncio.sleep(0.2)  # the long request's batch is decoding now; the next one queues behind it
+        # until the long request's batch is decoding (not a fixed sleep, which a busy machine can
+        # outlast, so that both were decoded together); the next one queues behind it
+        for _ in range(6000):
+            if server.largest_batch:
+                break
+            await asyncio.sleep(0.01)
         with pytest.raises(asyncio.TimeoutError):
             await asyncio.wait_for(server.generate("gives-up", prompt_ids=prompt_ids,
                                                    sampling_params=dict(params, max_tokens=40)), 0.05)

@@ -239,6 +239,23 @@ print(json.dumps(seen))
     assert seen == {"platform": False, "rebound": False, "replica": False, "after": [True, True]}
 
 
+@pytest.mark.parametrize("first", ["agent_system.verl_cpu.rollout", "agent_system.verl_cpu.platform", "verl"])
+def test_a_ray_worker_may_import_any_module_first(first):
+    """A Ray worker imports whatever it unpickles first (the rollout server's class lives in `rollout`),
+    with the plugin named in VERL_USE_EXTERNAL_MODULES: verl's __init__ then imports the plugin while that
+    first module is still being imported. Every order must end with the registrations in place."""
+    code = f"""
+import importlib, json
+importlib.import_module({first!r})
+from verl.plugin.platform import PlatformRegistry
+from verl.workers.rollout.replica import RolloutReplicaRegistry
+print(json.dumps([PlatformRegistry.get("cpu").__name__, RolloutReplicaRegistry.get("cpu").__name__]))
+"""
+    result = _fresh(code, VERL_USE_EXTERNAL_MODULES="agent_system.verl_cpu.plugin")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == ["PlatformCPU", "CPUReplica"]
+
+
 def test_other_verl_versions_are_refused_in_one_line():
     from agent_system.verl_cpu import check_verl_version
 

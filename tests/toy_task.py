@@ -16,6 +16,7 @@ bench/grpo_step.py.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pandas as pd
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput
@@ -33,6 +34,13 @@ TARGETS = {
     "math": ("Programmer", "Format"),
 }
 _ARGUMENT = re.compile(r"(\w+):")
+
+# the proof-of-learning fit (tests/fits.py `toy_learning_runs`, tests/test_verl_learning.py)
+AGENT = "toy_operator_chain"
+STEPS = 20
+BATCH = 4  # prompts per step (one per benchmark of TARGETS)
+SAMPLES = 8  # rollouts per prompt (the GRPO group)
+LR = 0.01
 
 
 def prompt_text(benchmark: str) -> str:
@@ -130,3 +138,71 @@ class OperatorChainLoop(AgentLoopBase):
                                response_mask=[1] * len(out.token_ids), response_logprobs=out.log_probs,
                                reward_score=reward, num_turns=2, metrics=AgentLoopMetrics(),
                                extra_fields={"letters": "".join(letters)})
+
+
+def compact_prompt(benchmark: str) -> str:
+    """The prompt with the operators' names only: the same task, letters, targets and reward
+    (`chain_reward`), in a few dozen tokens of the toy vocabulary (`save_toy_tokenizer`)."""
+    menu = " ".join(f"{letter}={name}" for letter, name in zip(LETTERS, OPERATOR_NAMES, strict=True))
+    return f"{menu}. {CHAIN_LENGTH} letters for: {benchmark}"
+
+
+def prepare_fit(out: Path) -> tuple[Path, Path, Path]:
+    """(model dir, parquet, agent-loop YAML) of the proof-of-learning fit, written under `out`: a randomly
+    initialised Llama (hidden 64, 2 layers) over the toy vocabulary, the toy parquet (every row names the
+    toy agent loop) and the YAML that registers the loop with verl's AgentLoopWorker."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    model_dir = out / "tiny-llama"
+    save_toy_tokenizer(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                                         max_position_embeddings=512, tie_word_embeddings=True,
+                                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                         pad_token_id=tokenizer.pad_token_id))
+    model.save_pretrained(model_dir)
+    parquet = out / "toy.parquet"
+    write_parquet(parquet)
+    frame = pd.read_parquet(parquet)
+    frame["prompt"] = [[{"role": "user", "content": compact_prompt(info["benchmark"])}] for info in frame["extra_info"]]
+    frame["agent_name"] = AGENT
+    frame.to_parquet(parquet)
+    agent_loops = out / "agent_loop.yaml"
+    agent_loops.write_text(f"- name: {AGENT}\n  _target_: tests.toy_task.OperatorChainLoop\n")
+    return model_dir, parquet, agent_loops
+
+
+def fit_overrides(model: Path, parquet: Path, agent_loops: Path, workdir: Path, lr: float, steps: int = STEPS,
+                  batch: int = BATCH, samples: int = SAMPLES) -> list[str]:
+    """`python -m recipes.train` overrides of the toy fit: preset cpu-local, one update per step over the
+    whole batch, no environment, verl's file logger on (set $VERL_FILE_LOGGER_PATH)."""
+    return [
+        "preset=cpu-local", f"data.train_files={parquet}", f"data.val_files={parquet}",
+        f"data.train_batch_size={batch}", "data.max_prompt_length=96", "data.max_response_length=4",
+        "data.dataloader_num_workers=0",
+        f"actor_rollout_ref.model.path={model}",
+        f"actor_rollout_ref.rollout.agent.agent_loop_config_path={agent_loops}",
+        f"actor_rollout_ref.rollout.agent.default_agent_loop={AGENT}",
+        f"actor_rollout_ref.rollout.n={samples}",
+        "actor_rollout_ref.rollout.max_model_len=100",
+        f"actor_rollout_ref.rollout.max_num_batched_tokens={100 * batch * samples}",
+        f"actor_rollout_ref.rollout.max_num_seqs={batch * samples}",
+        f"actor_rollout_ref.rollout.log_prob_micro_batch_size_per_gpu={batch * samples}",
+        # old log-probs recomputed by the actor (verl's default): the toy loop restricts sampling to the menu
+        # letters (allowed_token_ids), so the rollout's log-probs are of that restricted distribution, not the
+        # actor's; as the PPO ratio's denominator they put half the tokens outside the clip range (measured
+        # ppo_kl ~6, clipfrac ~0.56 with bypass_mode=true)
+        "algorithm.rollout_correction.bypass_mode=false",
+        f"actor_rollout_ref.actor.ppo_mini_batch_size={batch}",
+        f"actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu={batch * samples}",
+        f"actor_rollout_ref.actor.optim.lr={lr}", "actor_rollout_ref.actor.use_kl_loss=false",
+        "algorithm.adv_estimator=grpo", "reward.num_workers=1",
+        # the toy loop needs no environment: a URL here keeps the task runner from starting the executor
+        "env.executor.base_url=http://127.0.0.1:9/v1", "env.executor.model=unused",
+        f"trainer.default_local_dir={workdir / 'ckpt'}", f"trainer.total_training_steps={steps}",
+        "trainer.total_epochs=100000", "trainer.resume_mode=disable", "trainer.val_before_train=false",
+        "trainer.test_freq=-1", "trainer.save_freq=-1", "trainer.logger=[console,file]",
+    ]

@@ -33,3 +33,9 @@ def check_verl_version(version: str | None = None) -> None:
         raise RuntimeError(f"{MODULE} supports verl {SUPPORTED_VERL} only, found verl {version}: "
                            f"its registrations rely on that release's internals")
 
+
+# verl first, whichever module of this package a process imports first. In a Ray worker verl's own __init__
+# imports the plugin (VERL_USE_EXTERNAL_MODULES), and the plugin imports `platform` and `rollout`: had the
+# worker started with `import agent_system.verl_cpu.rollout` (to unpickle its server actor), that module
+# would still be half-imported, waiting on verl, when the plugin needs it.
+import verl  # noqa: E402,F401
