@@ -14,9 +14,10 @@ that keeps the gradient non-zero when both rollouts earn the same reward.
 lr > 0 and at lr = 0 (the control), same seeds and code path.
 
 A fit runs for minutes, mostly in its own processes. So that the rest of the suite does not wait for it, the
-fits that the collected tests need start in one background thread as soon as collection ends, one after
-another, at a lower CPU priority (nice 10) than the tests, and the tests that read a fit are moved to the
-end of the (otherwise random) order; a test that reaches a fit before it is done waits for it. verl's
+fits that the collected tests need start in one background thread (as soon as collection ends; on xdist, at
+the first test of the worker that runs the slow group), one after another, at a lower CPU priority (nice 10)
+than the tests, and the tests that read a fit run after the others (tests/tiers.py orders them); a test that
+reaches a fit before it is done waits for it. verl's
 per-step metrics come from its file logger (tests/verl_log.py).
 """
 
@@ -35,7 +36,7 @@ from pathlib import Path
 
 import pytest
 
-from tests import process_guard
+from tests import process_guard, tiers
 from tests.verl_log import logger_env, step_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,7 +102,7 @@ class _Fits:
                 except BaseException as exc:  # noqa: BLE001 -- handed to the test that reads this fit
                     future.set_exception(exc)
 
-        threading.Thread(target=work, name="verl-fits", daemon=True).start()
+        threading.Thread(target=work, name=tiers.BACKGROUND_THREAD, daemon=True).start()
 
     def result(self, name: str, job: Callable[[], object]):
         if name not in self.futures:  # not started at collection (e.g. an item added later): run it now
@@ -184,21 +185,22 @@ def _job(config, name: str) -> Callable[[], object]:
     return lambda: FITS[name](config._tmp_path_factory.mktemp(name))
 
 
-def _needs_fit(item) -> bool:
-    return any(name in item.fixturenames for name in FITS)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config, items):
-    # after the random shuffle: the tests that read a fit run last (in their shuffled order), so the rest of
-    # the suite runs while the fits train
-    items.sort(key=_needs_fit)
+def _start_needed(session) -> None:
+    needed = [name for name in FITS if any(name in item.fixturenames for item in session.items)]
+    if needed and not _fits.futures:
+        _fits.start({name: _job(session.config, name) for name in needed})
 
 
 def pytest_collection_finish(session):
-    needed = [name for name in FITS if any(name in item.fixturenames for item in session.items)]
-    if needed and not session.config.option.collectonly:
-        _fits.start({name: _job(session.config, name) for name in needed})
+    # one process: start at once. On xdist workers every worker collects every test: the fits start on the
+    # worker that runs the slow group (tests/tiers.py), at its first slow test.
+    if not session.config.option.collectonly and not tiers.under_xdist(session.config):
+        _start_needed(session)
+
+
+def pytest_runtest_setup(item):
+    if tiers.under_xdist(item.config) and item.get_closest_marker("slow") is not None:
+        _start_needed(item.session)
 
 
 def pytest_sessionfinish(session):

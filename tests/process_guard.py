@@ -133,6 +133,11 @@ def describe_and_kill(leaked: list[Proc]) -> str:
 ENABLED = sys.platform.startswith("linux")
 
 
+def _controller(config) -> bool:
+    """The controller of `pytest -n N`: it runs no test, and its workers are its children."""
+    return bool(getattr(config.option, "numprocesses", None)) and not hasattr(config, "workerinput")
+
+
 @pytest.fixture(autouse=True)
 def no_process_left_behind(request):
     """Fails the test (at teardown) that leaves a process running; see the module docstring."""
@@ -156,7 +161,7 @@ def pytest_configure(config):
 
 
 def pytest_sessionstart(session):
-    if ENABLED:
+    if ENABLED and not _controller(session.config):
         _session_start.update(snapshot())
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# All tests: sets up .venv (idempotent), lints, then runs pytest in a random order (pytest-randomly prints the
-# seed; pass --randomly-seed=N to repeat an order) and prints the 15 slowest tests.
+# All tests: sets up .venv (idempotent), lints, then runs pytest on two workers in a random order
+# (pytest-randomly prints the seed; pass --randomly-seed=N to repeat an order) and prints the 15 slowest tests.
 #   bash tests/run.sh                  # everything (<= 15 min on 2 idle cores)
 #   bash tests/run.sh -m "not slow"    # the fast tier: no model, Ray or fit (<= 5 min)
 # Benchmark data: $AFLOW_DATA_DIR, else ../shared/data/aflow beside the repo when present. With
@@ -22,7 +22,9 @@ fi
 echo "[tests] data dir: ${AFLOW_DATA_DIR:-none (tests needing data are skipped)}"
 python -m ruff check aflow agent_system recipes data_prep tests bench
 set +e
-python -m pytest --durations=15 "$@"
+# two workers (this machine's cores; AFLOW_TEST_WORKERS=0 for one process): every slow test runs on one of
+# them, which owns the Ray cluster, the models and the shared verl fits (tests/tiers.py, tests/fits.py)
+python -m pytest -n "${AFLOW_TEST_WORKERS:-2}" --dist loadgroup --durations=15 "$@"
 status=$?
 set -e
 if [ "$status" -eq 5 ]; then

@@ -182,7 +182,7 @@ def test_two_rounds_with_the_embedded_model_write_the_whole_workspace(tmp_path, 
     workspace = tmp_path / "ws"
     run = subprocess.run([sys.executable, "-m", "aflow.cli", "optimize", "--benchmark", "gsm8k",
                           "--workspace", str(workspace), "--rounds", "2", "--validation-rounds", "1",
-                          "--limit", "2", "--data-dir", str(data_dir), "--max-retries", "2",
+                          "--limit", "2", "--data-dir", str(data_dir), "--max-retries", "1",
                           "--cache-path", str(tmp_path / "c.sqlite"), "--json"],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -196,12 +196,12 @@ def test_two_rounds_with_the_embedded_model_write_the_whole_workspace(tmp_path, 
     round_2 = json.loads((workspace / "round_2" / "scores.json").read_text())
     # SmolLM2 rarely writes a valid workflow: the round is what its recorded answers made it
     attempts = [e for e in map(json.loads, (workspace / "expansions.jsonl").read_text().splitlines()) if e["round"] == 2]
-    assert [e["attempt"] for e in attempts] == list(range(1, len(attempts) + 1)) and len(attempts) <= 2
+    assert [e["attempt"] for e in attempts] == [1]  # --max-retries 1: one optimizer answer per round
     if attempts[-1]["valid"]:
         assert round_2["status"] == "evaluated" and len(round_2["scores"]) == 1
         assert (workspace / "round_2" / "graph.py").is_file()
-    else:  # both answers rejected, each for the reason recorded
-        assert len(attempts) == 2 and round_2["status"] == "rejected"
+    else:  # the answer was rejected, for the reason recorded
+        assert round_2["status"] == "rejected"
         assert round_2["reasons"] == [e["reason"] for e in attempts]
 
 

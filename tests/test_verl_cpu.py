@@ -316,7 +316,7 @@ def test_cpu_runtime_sends_the_plugin_to_every_ray_worker(monkeypatch):
     train.cpu_runtime(config)
     ray_init = config.ray_kwargs.ray_init
     env_vars = ray_init.runtime_env.env_vars
-    assert env_vars.VERL_USE_EXTERNAL_MODULES == "some.other_plugin,agent_system.verl_cpu"
+    assert env_vars.VERL_USE_EXTERNAL_MODULES == "some.other_plugin,agent_system.verl_cpu.plugin"
     assert env_vars.VERL_PLATFORM == "cpu"
     assert env_vars.PYTHONPATH == str(ROOT)  # the checkout, once
     assert ray_init.num_gpus == 1  # verl's placement group asks for one (logical) GPU

@@ -3,32 +3,29 @@
 The operator-chain toy task of tests/toy_task.py (pick CHAIN_LENGTH operators from AFlow's catalogue, shown
 as a lettered menu, for a named benchmark; sampling restricted to the menu letters through the rollout's
 `allowed_token_ids`; reward = operator overlap with the benchmark's target set after the real static
-checks) with a tiny randomly initialised Llama (hidden 64, 2 layers, SmolLM2 tokenizer) as
-`actor_rollout_ref.model.path`. The toy loop is registered with verl's AgentLoopWorker through an agent-loop
-YAML (`actor_rollout_ref.rollout.agent.agent_loop_config_path`) and every parquet row names it
-(`agent_name`). No AFlow environment: `env.executor.base_url` is set, so the task runner does not start the
-embedded executor, and the toy loop never calls it.
+checks) with a tiny randomly initialised Llama (hidden 64, 2 layers) over the toy prompts' own word-level
+vocabulary (47 tokens: tests/toy_task.save_toy_tokenizer) as `actor_rollout_ref.model.path`. The toy loop is
+registered with verl's AgentLoopWorker through an agent-loop YAML
+(`actor_rollout_ref.rollout.agent.agent_loop_config_path`) and every parquet row names it (`agent_name`). No
+AFlow environment: `env.executor.base_url` is set, so the task runner does not start the embedded executor,
+and the toy loop never calls it. The two runs are the session's shared fit `toy_learning_runs` (tests/fits.py).
 
 Everything else is verl's: the cpu rollout (agent_system/verl_cpu, which takes the actor's weights after
 every update), GRPO advantages, the PPO clipped loss with old log-probs recomputed by the actor (the
-rollout's are of the letter-restricted distribution; see the override below), no KL (no reference
-model), FSDP2's AdamW on CPU. The
-per-step mean reward is verl's own `critic/score/mean`, read from its file logger (tests/verl_log.py).
+rollout's are of the letter-restricted distribution; see toy_task.fit_overrides), no KL (no reference
+model), FSDP2's AdamW on CPU. The per-step mean reward is verl's own `critic/score/mean`, read from its file
+logger (tests/verl_log.py).
 
-Measured with bypass_mode=true (2 shared CPU cores; the recomputation now adds one forward per step): 40 steps of 4 prompts x 8 samples, lr 0.01, ~7 s per step (~5.7 s of it the
-actor update), ~6 min per run including ~80 s of Ray/worker start-up; reward 0.174 -> 0.421 (first/last 5
-steps), rising from about step 14 and levelling off near 0.4. lr 0.02 over 30 steps reached 0.185 -> 0.382:
-learning started within the first 5 steps and the margin was missed, so the local trainer's 40 steps at lr 0.01
-stay. The rollout's sampling is not seeded (CPUGenerationServer passes no base_seed): "same seeds" covers
-the model init and verl's seeds (data loader), not the sampled letters.
-
-Run of `python -m pytest tests/test_verl_learning.py -q -s -m slow` (2 passed, 722 s): lr 0.01 0.187 -> 0.393
-(margin 0.206, tight), lr 0 0.159 -> 0.139; 357 / 352 s wall, 6.9 s per step. Two PPO mini-batches per step
-(ppo_mini_batch_size 2) gave 0.193 -> 0.415 (margin 0.222): earlier learning, the same ~0.4 plateau; not kept.
+Why the small vocabulary: verl's FSDP engine computes log-probs over the whole vocabulary at every position,
+so with SmolLM2's 49k tokens a step of 4 prompts x 8 samples took ~7 s (~5.7 s of it the update) and the two
+40-step runs ~12 minutes; with 47 tokens a step takes ~1.7 s (measured on 2 cores with two busy loops beside
+it) and Ray/worker start-up dominates each run. Learning is also quicker: a 40-step run at lr 0.01 rose from
+0.14 (step 1) to 0.37 by step 5 and stayed at 0.33-0.42 to step 33, so STEPS is 20. The rollout's sampling
+is not seeded (CPUGenerationServer passes no base_seed): "same seeds" covers the model init and verl's seeds
+(data loader), not the sampled letters.
 
 Pass: the lr > 0 run's best WINDOW-step mean reward beats the lr = 0 control's (same seeds, same code path)
 by MARGIN, and the control does not rise. Each run is its own process, as a user would start it.
-(Read from verl's file logger since the console line of one CI step came back without `timing_s/step`.)
 """
 
 from __future__ import annotations

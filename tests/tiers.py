@@ -19,6 +19,7 @@ gcs_server/raylet, a llama.cpp server, `recipes.train`, `launch.sh`).
 from __future__ import annotations
 
 import sys
+import threading
 
 import pytest
 
@@ -38,17 +39,31 @@ COMMANDS = {
     "raylet": "ray",
     "ray start": "ray",
     "llama_cpp.server": "model",
-    "serve-executor": "model",
     "recipes.train": "fit",
     "run_local_grpo.sh": "fit",
-    "launch.sh": "fit",  # except for --help and --dry-run (ALLOWED)
+    "launch.sh": "fit",  # unless an argument starts with "-" (--help, --dry-run, --benchmark: evaluate) or is help
 }
-ALLOWED = ("--help", "-h", "help", "--dry-run")
+BACKGROUND_THREAD = "verl-fits"  # the shared fits' thread (tests/fits.py): its processes are no test's
 IMPLIES = {"fit": ("ray", "model")}  # a verl fit starts its own Ray cluster and loads the policy
+
+
+HEAVY = "heavy"  # the xdist group of every slow test: one worker owns the Ray cluster, the models and the fits
+
+
+def under_xdist(config) -> bool:
+    """A worker of `pytest -n N` (tests/run.sh runs the suite on 2 workers)."""
+    return hasattr(config, "workerinput")
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
+    """Markers from fixtures, `slow` from the markers; then the order. pytest-randomly has shuffled `items`
+    already (its hook wraps this one); the stable sorts below keep that order within each part.
+
+    One process: the tests that read a shared fit (tests/fits.py) go last, so the rest of the suite runs
+    while the fits train in the background. On xdist workers: every slow test joins one xdist group
+    (`--dist loadgroup`), so one worker holds the session's Ray cluster, embedded server, policy and fits
+    while the other runs the rest; the group goes first, so its fits start at once, with its fit readers last."""
     for item in items:
         for name, marker in STARTS.items():
             if name in item.fixturenames and item.get_closest_marker(marker) is None:
@@ -56,6 +71,24 @@ def pytest_collection_modifyitems(config, items):
         starts = [m for m in SLOW if item.get_closest_marker(m) is not None]
         if starts and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.slow(reason="starts " + ", ".join(starts)))
+    reads_fit = [name for name, marker in STARTS.items() if marker == "fit"]
+
+    def fit_reader(item) -> bool:
+        return any(name in item.fixturenames for name in reads_fit)
+
+    if under_xdist(config):
+        for item in items:
+            if item.get_closest_marker("slow") is not None:
+                item.add_marker(pytest.mark.xdist_group(HEAVY))
+        items.sort(key=lambda item: (item.get_closest_marker("slow") is None, fit_reader(item)))
+    else:
+        items.sort(key=fit_reader)
+
+
+def _launches_a_fit(words: list[str]) -> bool:
+    """`launch.sh` trains unless an argument starts with "-" (--help, --dry-run, --benchmark ... = evaluate)."""
+    at = next((i for i, w in enumerate(words) if w.endswith("launch.sh")), len(words))
+    return not any(w.startswith("-") or w == "help" for w in words[at + 1:])
 
 
 class _Guard:
@@ -66,16 +99,17 @@ class _Guard:
         self.seen: list[tuple[str, str]] = []
 
     def __call__(self, event: str, args: tuple) -> None:
-        if self.test is None or event != "subprocess.Popen":
+        if self.test is None or event != "subprocess.Popen" or threading.current_thread().name == BACKGROUND_THREAD:
             return
         argv = args[1]
         words = [str(a) for a in argv] if isinstance(argv, (list, tuple)) else [str(argv)]
         line = " ".join(words)
-        if any(flag in words for flag in ALLOWED):
-            return
         for needle, marker in COMMANDS.items():
-            if needle in line:
-                self.seen.append((marker, line[:160]))
+            if needle not in line:
+                continue
+            if needle == "launch.sh" and not _launches_a_fit(words):
+                continue
+            self.seen.append((marker, line[:160]))
 
 
 _guard = _Guard()
