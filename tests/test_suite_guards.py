@@ -58,3 +58,21 @@ def test_fast(request):
     result.assert_outcomes(passed=3, errors=1)
     result.stdout.fnmatch_lines(["*test_unmarked started *recipes.train* without the marker `fit`*"])
     assert run(pytester, monkeypatch, "def test_x(ray_cluster):\n    pass\n", "-m", "not slow").ret == 5  # deselected
+
+
+def test_on_two_workers_every_slow_test_runs_on_one_of_them(pytester, monkeypatch, tmp_path):
+    """tests/run.sh's `-n 2 --dist loadgroup`: one worker owns the Ray cluster, the models and the fits, so
+    every slow test must land on the same worker (a pytest that xdist's grouping no longer reaches splits
+    them, and each worker would start its own)."""
+    log = tmp_path / "workers.txt"
+    tests = "\n".join(f"""
+@pytest.mark.{marker}
+def test_{marker}_{i}():
+    open({str(log)!r}, "a").write("{marker} " + os.environ["PYTEST_XDIST_WORKER"] + "\\n")
+""" for marker in ("model", "ray", "sweep") for i in range(3))
+    fast = "\n".join(f"def test_fast_{i}():\n    time.sleep(0.2)\n" for i in range(6))
+    result = run(pytester, monkeypatch, f"import os, time\nimport pytest\n{tests}\n{fast}", "-n", "2",
+                 "--dist", "loadgroup")
+    result.assert_outcomes(passed=15)
+    workers = {line.split()[1] for line in log.read_text().splitlines()}
+    assert len(log.read_text().splitlines()) == 9 and len(workers) == 1, log.read_text()

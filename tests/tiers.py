@@ -55,31 +55,34 @@ def under_xdist(config) -> bool:
     return hasattr(config, "workerinput")
 
 
+def pytest_itemcollected(item):
+    """Markers from fixtures, `slow` from the markers, and on xdist workers the slow group: set as each test is
+    collected, before any plugin reads them at `pytest_collection_modifyitems` (-m, xdist's loadgroup)."""
+    for name, marker in STARTS.items():
+        if name in item.fixturenames and item.get_closest_marker(marker) is None:
+            item.add_marker(marker)
+    starts = [m for m in SLOW if item.get_closest_marker(m) is not None]
+    if starts and item.get_closest_marker("slow") is None:
+        item.add_marker(pytest.mark.slow(reason="starts " + ", ".join(starts)))
+    if starts and under_xdist(item.config):
+        item.add_marker(pytest.mark.xdist_group(HEAVY))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Markers from fixtures, `slow` from the markers; then the order. pytest-randomly has shuffled `items`
-    already (its hook wraps this one); the stable sorts below keep that order within each part.
+    """The order. pytest-randomly has shuffled `items` already (its hook wraps this one); the stable sorts
+    below keep that order within each part.
 
     One process: the tests that read a shared fit (tests/fits.py) go last, so the rest of the suite runs
-    while the fits train in the background. On xdist workers: every slow test joins one xdist group
+    while the fits train in the background. On xdist workers: every slow test is in one xdist group
     (`--dist loadgroup`), so one worker holds the session's Ray cluster, embedded server, policy and fits
     while the other runs the rest; the group goes first, so its fits start at once, with its fit readers last."""
-    for item in items:
-        for name, marker in STARTS.items():
-            if name in item.fixturenames and item.get_closest_marker(marker) is None:
-                item.add_marker(marker)
-        starts = [m for m in SLOW if item.get_closest_marker(m) is not None]
-        if starts and item.get_closest_marker("slow") is None:
-            item.add_marker(pytest.mark.slow(reason="starts " + ", ".join(starts)))
     reads_fit = [name for name, marker in STARTS.items() if marker == "fit"]
 
     def fit_reader(item) -> bool:
         return any(name in item.fixturenames for name in reads_fit)
 
     if under_xdist(config):
-        for item in items:
-            if item.get_closest_marker("slow") is not None:
-                item.add_marker(pytest.mark.xdist_group(HEAVY))
         items.sort(key=lambda item: (item.get_closest_marker("slow") is None, fit_reader(item)))
     else:
         items.sort(key=fit_reader)
