@@ -148,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "the initial canvas (chain of thought) by default, or a DIR whose graph.py/prompt.py are a "
                          "compiled canvas (a round of a canvas search); any other workflow is refused")
     op.add_argument("--max-retries", type=int, default=3, help="optimizer answers tried per round")
+    op.add_argument("--optimizer-max-tokens", type=positive_int, default=OPTIMIZER_DEFAULTS["max_tokens"],
+                    help="longest optimizer answer, in tokens (a small local model on a CPU: fewer is faster)")
     op.add_argument("--convergence-rounds", type=int, default=5)
     op.add_argument("--cache-path", default=None)
     op.add_argument("--resume", action="store_true", help="continue the search in --workspace")
@@ -399,7 +401,8 @@ def search_endpoints(args: argparse.Namespace):
     """(executor, optimizer) configs. Neither given: the embedded server is both; only the
     executor given: it optimizes too; only the optimizer given: the embedded one executes."""
     executor = endpoint_config(args, "executor")
-    optimizer = endpoint_config(args, "optimizer", **OPTIMIZER_DEFAULTS)
+    max_tokens = getattr(args, "optimizer_max_tokens", None) or OPTIMIZER_DEFAULTS["max_tokens"]
+    optimizer = endpoint_config(args, "optimizer", **{**OPTIMIZER_DEFAULTS, "max_tokens": max_tokens})
     for config, role in ((executor, "executor"), (optimizer, "optimizer")):
         if config.base_url and not config.model:
             raise ExecutorError(f"--{role}-model is required with --{role}-base-url")

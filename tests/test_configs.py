@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from agent_system.config import EnvConfig  # noqa: E402
 from recipes import config as config_module  # noqa: E402
 from recipes import dry_run, preflight, train  # noqa: E402
 from recipes.config import CONFIG_DIR, ConfigError, compose  # noqa: E402
-from tests.process_guard import carries  # noqa: E402
+from tests.process_guard import snapshot  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # verl's "engine X is not available" at import
 
@@ -288,14 +289,17 @@ def test_launch_refuses_a_plan_the_real_cluster_cannot_fit(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**_env(tmp_path), "RAY_AUTH_MODE": "token", "AFLOW_TEST_RAY_HEAD": str(port)}
+    env = {**_env(tmp_path), "RAY_AUTH_MODE": "token"}
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    temp_dir = f"/tmp/ray-t{port}"  # short: Ray's unix sockets live under it; also how we find our processes
-    start = subprocess.run([ray_bin, "start", "--head", "--port", str(port), "--num-cpus", "2", "--num-gpus", "0",
-                            "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir],
-                           capture_output=True, text=True, env=env, timeout=180)
-    assert start.returncode == 0, start.stderr[-2000:]
+    temp_dir = f"/tmp/ray-t{port}"  # short: Ray's unix sockets live under it
+    # its own session: every process of this head keeps it (Ray's agents rename themselves, and outlive a
+    # killed raylet), so the head can be stopped without `ray stop`, which would stop the tests' own Ray too
+    head = subprocess.Popen([ray_bin, "start", "--head", "--port", str(port), "--num-cpus", "2", "--num-gpus", "0",
+                             "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
     try:
+        _, err = head.communicate(timeout=180)
+        assert head.returncode == 0, err[-2000:]
         address = f"127.0.0.1:{port}"
         launch = subprocess.run(["bash", str(ROOT / "launch.sh"), "preset=cpu-smoke"], cwd=tmp_path,
                                 capture_output=True, text=True, env={**env, "RAY_ADDRESS": address}, timeout=300)
@@ -303,12 +307,14 @@ def test_launch_refuses_a_plan_the_real_cluster_cannot_fit(tmp_path):
         refusal = [line for line in launch.stderr.splitlines() if "trainer.n_gpus_per_node" in line]
         assert len(refusal) == 1 and "GPU" in refusal[0]
         assert "submitting" not in launch.stdout + launch.stderr
-    finally:  # stop only this head (`ray stop` would stop every Ray on the machine, the tests' own too): every
-        # process it started carries its mark (Ray's agents rename themselves, so a command line may not tell)
-        mark = f"AFLOW_TEST_RAY_HEAD={port}".encode()
-        for pid in (int(p) for p in os.listdir("/proc") if p.isdigit()):
-            if carries(pid, mark):
+    finally:
+        deadline = time.monotonic() + 10
+        while (members := [p.pid for p in snapshot().values() if p.sid == head.pid and p.state not in "ZX"]):
+            for pid in members:
                 try:
                     os.kill(pid, 9)
                 except ProcessLookupError:
                     pass
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.2)

@@ -183,6 +183,8 @@ def test_two_rounds_with_the_embedded_model_write_the_whole_workspace(tmp_path, 
     run = subprocess.run([sys.executable, "-m", "aflow.cli", "optimize", "--benchmark", "gsm8k",
                           "--workspace", str(workspace), "--rounds", "2", "--validation-rounds", "1",
                           "--limit", "2", "--data-dir", str(data_dir), "--max-retries", "1",
+                          # a workflow in far fewer than 1,024 tokens, or none: SmolLM2 on a shared CPU
+                          "--optimizer-max-tokens", "256",
                           "--cache-path", str(tmp_path / "c.sqlite"), "--json"],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -203,6 +205,17 @@ def test_two_rounds_with_the_embedded_model_write_the_whole_workspace(tmp_path, 
     else:  # the answer was rejected, for the reason recorded
         assert round_2["status"] == "rejected"
         assert round_2["reasons"] == [e["reason"] for e in attempts]
+
+
+def test_optimizer_max_tokens_caps_only_the_optimizers_answers(tmp_path, data_dir):
+    with FakeOpenAI(reply=scripted_reply()) as server:
+        run = subprocess.run(optimize(tmp_path / "ws", server, "--rounds", "2", "--optimizer-max-tokens", "77",
+                                      data_dir=data_dir), capture_output=True, text=True, timeout=300)
+        bodies = [r.body for r in server.chat_requests if r.body.get("max_tokens", 0) > 1]  # not the 1-token probes
+    assert run.returncode == 0, run.stderr[-2000:]
+    by_model = {model: {b["max_tokens"] for b in bodies if b["model"] == model} for model in ("opt", "exe")}
+    assert by_model["opt"] == {77}
+    assert by_model["exe"] and 77 not in by_model["exe"]
 
 
 def test_search_stops_when_the_top_scores_converge(tmp_path, data_dir):
