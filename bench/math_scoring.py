@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from aflow.benchmarks import get_benchmark, scoring
-from tests.test_math_scoring import HOSTILE_SLOW, PROBLEM
+from tests.test_math_scoring import HOSTILE_SLOW, PROBLEM, score_while_ticking
 
 REPO = Path(__file__).resolve().parents[1]
 BENCH = get_benchmark("math")
@@ -63,29 +63,12 @@ def references(data_dir: Path, variant: str) -> None:
     emit(f"references.{variant}.workers_started", scoring.MATH_POOL.started - started_workers)
 
 
-async def score_while_ticking(output: str) -> tuple[float, float, float]:
-    """(seconds, longest wall gap between 10 ms ticks, the loop thread's CPU in that gap)."""
-    ticks: list[tuple[float, float]] = []
-    done = asyncio.Event()
-
-    async def ticker():
-        ticks.append((time.monotonic(), time.thread_time()))
-        while not done.is_set():
-            await asyncio.sleep(0.01)
-            ticks.append((time.monotonic(), time.thread_time()))
-
-    tick = asyncio.create_task(ticker())
-    await asyncio.sleep(0.03)
-    started = time.monotonic()
-    try:
-        await BENCH.score(PROBLEM, output)
-    finally:
-        elapsed = time.monotonic() - started
-        done.set()
-        await tick
+async def gaps_while_scoring(output: str) -> tuple[float, float, float]:
+    """(seconds, longest wall gap between 10 ms ticks of the loop, the loop thread's CPU in that gap)."""
+    _, started, finished, ticks = await score_while_ticking(output)
     wall, cpu = max((after[0] - before[0], after[1] - before[1])
                     for before, after in zip(ticks, ticks[1:], strict=False))
-    return elapsed, wall, cpu
+    return finished - started, wall, cpu
 
 
 def hostile(timeout: float, repeat: int) -> None:
@@ -95,7 +78,7 @@ def hostile(timeout: float, repeat: int) -> None:
         for _ in range(repeat):
             asyncio.run(BENCH.score(PROBLEM, "\\boxed{0.5}"))  # a warm idle worker (a timeout replaces it)
             gc.collect()
-            worst = max(worst, asyncio.run(score_while_ticking(output)), key=lambda m: m[1])
+            worst = max(worst, asyncio.run(gaps_while_scoring(output)), key=lambda m: m[1])
         key = re.sub(r"\W+", "_", name).strip("_")
         elapsed, wall, cpu = worst
         emit(f"hostile.{key}.seconds", elapsed)

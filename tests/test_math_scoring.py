@@ -43,15 +43,12 @@ def short_timeout(monkeypatch):
     monkeypatch.setattr(scoring, "MATH_SCORE_TIMEOUT_S", TIMEOUT)
 
 
-async def _score_while_ticking(output: str, problem: Problem = PROBLEM) -> tuple[tuple, float, float, int]:
-    """(result, seconds, the most CPU time the loop's thread spent between two ticks of a task
-    that wakes every 10 ms beside the scoring, ticks served while the scoring ran).
-
-    CPU time, not wall time, between ticks: a busy machine delays the ticks (a gap of 0.63 s
-    failed this test once, with another job on the 2 cores) but cannot add to what the loop
-    computed itself. The collector is held off meanwhile, so that a collection over the objects
-    other tests left in this process is not counted as the scoring's."""
-    ticks: list[tuple[float, float]] = []  # (wall clock, CPU time of the loop's thread) at each tick
+async def score_while_ticking(output: str, problem: Problem = PROBLEM):
+    """(result, start, end, ticks): the scoring of `output` beside a task that wakes every 10 ms, each tick
+    recorded as (wall clock, CPU time of the loop's thread). The collector is held off meanwhile, so that a
+    collection over the objects other tests left in this process is not counted as the scoring's.
+    (bench/math_scoring.py reads the same measurement for its exact times.)"""
+    ticks: list[tuple[float, float]] = []
     done = asyncio.Event()
 
     async def ticker():
@@ -75,6 +72,14 @@ async def _score_while_ticking(output: str, problem: Problem = PROBLEM) -> tuple
     finally:
         if collecting:
             gc.enable()
+    return result, started, finished, ticks
+
+
+async def _score_while_ticking(output: str, problem: Problem = PROBLEM) -> tuple[tuple, float, float, int]:
+    """(result, seconds, the most CPU time the loop's thread spent between two ticks, ticks served while the
+    scoring ran). CPU time, not wall time, between ticks: a busy machine delays the ticks (a gap of 0.63 s
+    failed this test once, with another job on the 2 cores) but cannot add to what the loop computed itself."""
+    result, started, finished, ticks = await score_while_ticking(output, problem)
     computed = max(after[1] - before[1] for before, after in zip(ticks, ticks[1:], strict=False))
     served = sum(started < wall <= finished for wall, _ in ticks)
     return result, finished - started, computed, served
