@@ -207,6 +207,22 @@ def pytest_sessionfinish(session):
     _fits.stop()
 
 
+def _runs(value) -> list[tuple[str, Run]]:
+    if isinstance(value, MainJobRun):
+        return [("first", value.first), ("resumed", value.resumed)]
+    return [(f"lr={lr}", run) for lr, run in value.items()]
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The fits' wall times next to --durations (one process only: xdist workers' summaries are not shown)."""
+    done = [(name, f.result()) for name, f in _fits.futures.items() if f.done() and f.exception() is None]
+    if done:
+        terminalreporter.section("fits (background, nice 10)")
+        for name, value in done:
+            parts = ", ".join(f"{label} {run.seconds:.0f} s" for label, run in _runs(value))
+            terminalreporter.write_line(f"{name}: {parts}")
+
+
 @pytest.fixture(scope="session")
 def main_job_run(request) -> MainJobRun:
     return _fits.result("main_job_run", _job(request.config, "main_job_run"))
