@@ -53,6 +53,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 def benchmark_name(text: str) -> str:
     """Any case (GSM8K, gsm8k), as data_prep accepts it."""
     return text.strip().lower()
@@ -85,10 +95,14 @@ def _add_run_args(parser: argparse.ArgumentParser, where: str) -> None:
 
 
 def _add_scoring_arg(parser: argparse.ArgumentParser) -> None:
-    """The scoring variant is a named choice, recorded in every result, never implied."""
+    """The scoring variant is a named choice, recorded in every result, never implied; the sampling of
+    repeated executor requests (ensemble members) with it, since both decide what a score measures."""
     parser.add_argument("--scoring", choices=SCORING_VARIANTS, default="aflow",
                         help="aflow: AFlow's own rules, comparable with the paper (default); reward: the hardened "
                              "rules the RL environment optimises (QA answers that hedge or stuff words score 0)")
+    parser.add_argument("--sample-temperature", type=non_negative_float, default=0.7,
+                        help="temperature of the k-th repeat (k >= 1) of a request within one workflow run, sent "
+                             "with seed k (an ensemble's members are independent samples; default 0.7)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -308,7 +322,8 @@ async def _evaluate(args: argparse.Namespace, endpoint: LLMConfig | None, proble
 
     config = EvalConfig(benchmark=args.benchmark, split=args.split, workflow=args.workflow, limit=args.limit,
                         concurrency=args.concurrency, data_dir=resolve_data_dir(args.data_dir),
-                        out=Path(args.out) if args.out else None, scoring=args.scoring)
+                        out=Path(args.out) if args.out else None, scoring=args.scoring,
+                        sample_temperature=args.sample_temperature)
     if endpoint is not None:  # --concurrency bounds the executor calls in flight
         endpoint.max_concurrency = max(1, args.concurrency)
     llm = LLMClient(endpoint) if endpoint is not None else None
@@ -432,6 +447,7 @@ async def _optimize(args: argparse.Namespace, executor_cfg: LLMConfig, optimizer
         convergence_rounds=args.convergence_rounds, seed=args.seed, value_provider=args.value_provider,
         selection=SelectionConfig(rule=args.selection, value_weight=args.value_weight), scoring=args.scoring,
         validation_temperature=args.validation_temperature, action_space=args.action_space,
+        sample_temperature=args.sample_temperature,
     )
     if args.cache_path:
         executor_cfg.cache_path = optimizer_cfg.cache_path = Path(args.cache_path)

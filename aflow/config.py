@@ -87,3 +87,4 @@ class EvalConfig:
     # How outputs are scored (aflow.benchmarks.SCORING_VARIANTS): `aflow`, AFlow's own rules, so
     # numbers compare with the paper; `reward`, the hardened rules the RL environment optimises.
     scoring: str = "aflow"
+    sample_temperature: float = 0.7  # repeats of a request within a run (aflow.operators.CallPolicy)

@@ -15,7 +15,7 @@ from aflow.benchmarks import SCORING_VARIANTS, Benchmark, DataError, Problem, ge
 from aflow.config import EvalConfig
 from aflow.files import JsonlAppender, atomic_write_json, atomic_write_text
 from aflow.llm import LLMClient, Usage
-from aflow.operators import OPERATOR_NAMES, OperatorContext
+from aflow.operators import OPERATOR_NAMES, CallPolicy, OperatorContext
 from aflow.sandbox import WORKFLOW_LIMITS, Limits, Sandbox
 from aflow.workflows import GOLD, WorkflowCheckError, WorkflowCode, load_workflow
 
@@ -36,6 +36,8 @@ class Record:
     calls: int = 0
     cost_usd: float = 0.0
     latency_s: float = 0.0
+    cached_calls: int = 0  # answered by the response cache (not in `calls`)
+    cached_tokens: int = 0  # the tokens those cached answers stand for (not in prompt/completion_tokens)
     scoring: str = "aflow"  # the scoring variant (SCORING_VARIANTS) that gave `score`
     # The benchmark's reference answer, so a wrong output can be diagnosed from the record alone
     # (code benchmarks: the canonical solution); `tests`: a code benchmark's hidden test source.
@@ -68,8 +70,10 @@ class Summary:
 
 async def run_problem(bench: Benchmark, problem: Problem, workflow: WorkflowCode | WorkflowCheckError,
                       llm: LLMClient | None, tests: dict, sandbox: Sandbox,
-                      limits: Limits = WORKFLOW_LIMITS, scoring: str = "aflow") -> tuple[Record, list[str]]:
-    """Run and score one problem under the `scoring` variant; every failure becomes part of the record."""
+                      limits: Limits = WORKFLOW_LIMITS, scoring: str = "aflow", policy: CallPolicy = CallPolicy(),
+                      transcript: list[str] | None = None) -> tuple[Record, list[str]]:
+    """Run and score one problem under the `scoring` variant; every failure becomes part of the record.
+    `policy` bounds and samples the run's executor requests; `transcript`, if given, receives its replies."""
     started = time.monotonic()
     usage = Usage()
     output, error, isolation = None, problem.error, []
@@ -77,13 +81,15 @@ async def run_problem(bench: Benchmark, problem: Problem, workflow: WorkflowCode
         if isinstance(workflow, WorkflowCheckError):
             error = f"workflow rejected: {workflow}"
         else:
-            ctx = OperatorContext(llm, usage, tests, sandbox=sandbox)
+            ctx = OperatorContext(llm, usage, tests, sandbox=sandbox, policy=policy, transcript=transcript)
             inputs = {**problem.inputs, "gold": problem.gold} if workflow.name == GOLD else problem.inputs
             result = await sandbox.run_workflow(workflow.graph, workflow.prompt, inputs, ctx.call,
                                         OPERATOR_NAMES, workflow.format, bench.name, limits)
             output, error, isolation = result.value, result.error, result.isolation
             if result.ok and output is None:
                 error = "the workflow returned None"
+            if ctx.over_budget:  # whatever the workflow made of the refusal, the run spent too much
+                output, error = None, ctx.over_budget
     score, reason = (0.0, None)
     if error is None:
         score, reason = await bench.score(problem, output, sandbox=sandbox, scoring=scoring)
@@ -91,7 +97,8 @@ async def run_problem(bench: Benchmark, problem: Problem, workflow: WorkflowCode
         id=problem.id, input=str(problem.inputs.get("problem", ""))[:INPUT_CHARS_KEPT], output=output,
         score=score, error=error, score_reason=reason, prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens, calls=usage.calls, cost_usd=usage.cost_usd,
-        latency_s=round(time.monotonic() - started, 3), scoring=scoring,
+        latency_s=round(time.monotonic() - started, 3), cached_calls=usage.cached, cached_tokens=usage.cached_tokens,
+        scoring=scoring,
         expected=_cut(problem.gold), tests=_cut(problem.reference.get("test")) if bench.is_code else None,
     )
     return record, isolation
@@ -153,7 +160,8 @@ async def evaluate(config: EvalConfig, llm: LLMClient | None, progress: bool = T
 
     async def one(problem: Problem) -> None:
         async with semaphore:
-            record, layers = await run_problem(bench, problem, workflow, llm, tests, sandbox, scoring=config.scoring)
+            record, layers = await run_problem(bench, problem, workflow, llm, tests, sandbox, scoring=config.scoring,
+                                               policy=CallPolicy(sample_temperature=config.sample_temperature))
         records.append(record)
         if layers and not isolation:
             isolation.extend(layers)

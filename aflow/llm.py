@@ -31,6 +31,7 @@ class ExecutorError(RuntimeError):
 class Usage:
     calls: int = 0  # requests actually sent (cache hits excluded)
     cached: int = 0
+    cached_tokens: int = 0  # prompt + completion tokens of the cache hits (what they stand for)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cost_usd: float = 0.0
@@ -138,6 +139,7 @@ class LLMClient:
             if hit is not None:
                 for u in filter(None, (self.usage, usage)):
                     u.cached += 1
+                    u.cached_tokens += hit["prompt_tokens"] + hit["completion_tokens"]
                 return Completion(hit["text"], hit["prompt_tokens"], hit["completion_tokens"], 0.0, cached=True)
         completion = await self._send(messages, params, usage)
         if key:

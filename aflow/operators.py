@@ -20,6 +20,26 @@ from aflow.sandbox import CODE_LIMITS, Limits, Sandbox
 
 
 @dataclass(frozen=True)
+class CallPolicy:
+    """How a workflow run may use the executor.
+
+    `sample_temperature`: the k-th repeat (k >= 1) of a request already sent in the same run is sent
+    with this temperature and `seed=k`, both part of the response cache's key, so the members of an
+    ensemble (three Custom calls with one prompt, then ScEnsemble) are independent samples instead of
+    one cached answer three times; the first request keeps the endpoint's own settings.
+    `max_calls` / `max_tokens`: per run, cache hits included (a cached answer still stands for a call);
+    the request past either fails, and the run is recorded as a failure (`OperatorContext.over_budget`)."""
+
+    sample_temperature: float = 0.7
+    max_calls: int | None = None
+    max_tokens: int | None = None
+
+
+class BudgetExceeded(RuntimeError):
+    """A workflow run asked the executor for more than its `CallPolicy` allows."""
+
+
+@dataclass(frozen=True)
 class OperatorSpec:
     name: str
     description: str
@@ -32,17 +52,40 @@ class OperatorContext:
     public tests for the Test operator, and the sandbox limits for code."""
 
     def __init__(self, llm: LLMClient, usage: Usage | None = None, public_tests: dict | None = None,
-                 code_limits: Limits = CODE_LIMITS, seed: int = 0, sandbox: Sandbox | None = None):
-        self.llm = llm
+                 code_limits: Limits = CODE_LIMITS, seed: int = 0, sandbox: Sandbox | None = None,
+                 policy: CallPolicy = CallPolicy(), transcript: list[str] | None = None):
+        self.llm = llm  # anything with LLMClient.chat's signature (the environment's replay executor too)
         self.sandbox = sandbox or Sandbox(use_zygote=False)
         self.usage = usage if usage is not None else Usage()
         self.public_tests = public_tests or {}
         self.code_limits = code_limits
         self.rng = random.Random(seed)
+        self.policy = policy
+        self.transcript = transcript  # when given, every reply is appended to it, in order
+        self.asked: Counter = Counter()
+        self.calls = self.tokens = 0
+        self.over_budget: str | None = None  # why the run went over its CallPolicy, once it has
 
     async def ask(self, prompt: str) -> str:
-        completion = await self.llm.chat([{"role": "user", "content": prompt}], usage=self.usage)
+        self._charge_call()
+        repeat = self.asked[prompt]
+        self.asked[prompt] += 1
+        overrides = {"temperature": self.policy.sample_temperature, "seed": repeat} if repeat else {}
+        completion = await self.llm.chat([{"role": "user", "content": prompt}], usage=self.usage, **overrides)
+        self.tokens += completion.prompt_tokens + completion.completion_tokens
+        if self.transcript is not None:
+            self.transcript.append(completion.text)
         return completion.text
+
+    def _charge_call(self) -> None:
+        limit_calls, limit_tokens = self.policy.max_calls, self.policy.max_tokens
+        if self.over_budget is None and limit_calls is not None and self.calls >= limit_calls:
+            self.over_budget = f"executor call budget spent ({limit_calls} calls per run)"
+        if self.over_budget is None and limit_tokens is not None and self.tokens >= limit_tokens:
+            self.over_budget = f"executor token budget spent ({limit_tokens} tokens per run)"
+        if self.over_budget is not None:
+            raise BudgetExceeded(self.over_budget)
+        self.calls += 1
 
     async def call(self, name: str, kwargs: dict) -> dict:
         """Dispatch one operator call by name, checking its arguments first."""

@@ -22,8 +22,13 @@ class EndpointConfig:
 class RewardConfig:
     """Episode return plus shaping; every shaping weight is 0 except the format penalty."""
 
-    format_penalty: float = 0.1  # subtracted per invalid (unparseable or rejected) action
-    cost_penalty: float = 0.0  # per USD of executor cost in the episode
+    format_penalty: float = 0.1  # subtracted per invalid (unparseable, rejected or cosmetic) action
+    cost_penalty: float = 0.0  # per USD of executor cost in the episode (listed prices only)
+    token_penalty: float = 0.0  # per 1,000 executor tokens of the episode's workflows, cache hits included
+    # Credit only what the executor made: each scored problem runs again with another problem's executor
+    # replies, and a workflow earns max(0, real score - that score) (agent_system/.../aflow/measure.py).
+    # Off: a constant answer, a memorised one or the policy's own answer to a shown problem scores.
+    counterfactual: bool = True
     variety_weight: float = 0.0  # bonus per distinct operator used by the final workflow (WA-GRPO)
     diversity_weight: float = 0.0  # bonus for differing from the other workflows of the group (WA-GRPO)
     judge: EndpointConfig | None = None  # optional LLM judge for QA answers (query mode)
@@ -47,7 +52,10 @@ class EnvConfig:
     # not used). The agent loop's constrained decoding reads it too.
     action_space: str = "code"
     max_turns: int = 3
-    eval_subset_size: int = 20  # validation problems that score a task-mode step
+    # Task mode: each step is scored on a fresh sample of this many problems of the split's scoring pool,
+    # the proposal and the workflow it modifies on the same sample; the policy never sees those problems
+    eval_subset_size: int = 20
+    feedback_size: int = 3  # task mode: the problems whose failures the observation shows (never scored)
     history_length: int = 2  # past turns shown in the observation
     num_workers: int = 4  # AFlowWorker actors
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"num_cpus": 0.5, "num_gpus": 0.0})
@@ -55,6 +63,16 @@ class EnvConfig:
     data_dir: str | None = None  # AFlow JSONL directory on the workers' machines
     workdir: str | None = None  # experience pool and response cache of the workers (default: a temp dir)
     concurrency: int = 8  # problems evaluated at once inside one worker
+    # Budgets of one workflow, charged to it (a spent budget fails that workflow's problems, nobody else's):
+    workflow_concurrency: int = 4  # problems of one measurement at once (so no workflow holds every slot)
+    workflow_time_budget_s: float = 1200.0  # sandbox seconds of one measurement, summed over its problems
+    problem_time_limit_s: float = 300.0  # wall time of one problem's run
+    max_calls_per_run: int = 40  # executor requests of one problem's run, cache hits included
+    max_tokens_per_run: int = 40_000  # their prompt + completion tokens
+    # The k-th repeat of a request within one run (an ensemble's members) is sampled at this temperature
+    # with seed k (both in the cache key): independent samples, not one cached answer k times
+    sample_temperature: float = 0.7
+    run_id: str | None = None  # names this run's experience records (default: one per worker process)
     initial_workflow: str = "builtin:io"  # action_space "code" only
     max_action_chars: int = 20_000
     actor_timeout_s: float = 1800.0  # a reset may first score the initial workflow on the whole subset

@@ -1,11 +1,14 @@
 """Episode reward: the environment's return plus shaping terms whose weights live in `env.reward`.
 
     total = return − format_penalty·(invalid actions) − cost_penalty·(executor USD)
-            + variety_weight·(distinct operators in the final workflow)
+            − token_penalty·(executor tokens / 1000) + variety_weight·(distinct operators in the final workflow)
             [+ diversity_weight·(how much the final workflow differs from its group's), batch-level]
 
-Task mode's return is the sum of step improvements (final score − start score); query mode's
-is the score of the workflow that ran (code space) or of the final canvas (canvas space).
+Task mode's return is the sum of step rewards (each the proposal's credit minus its parent's, paired
+on a fresh sample); query mode's is the credit of the workflow that ran (code space) or of the final
+canvas (canvas space). Credit is what the executor made (environments/env_package/aflow/measure.py).
+Tokens count cache hits too: a cached answer is free to this run, not to the policy's next one, and a
+self-hosted executor has no listed price.
 Every shaping weight defaults to 0 except the format penalty. The group diversity term needs the whole GRPO group, so it is computed over the
 batch (`group_diversity_bonus`) rather than per episode.
 """
@@ -53,6 +56,7 @@ def episode_reward(summary: dict, cfg: RewardConfig) -> tuple[float, dict[str, f
         "return": float(ret),
         "format": -cfg.format_penalty * invalid,
         "cost": -cfg.cost_penalty * float(summary.get("cost_usd", 0.0)),
+        "tokens": -cfg.token_penalty * float(summary.get("tokens", 0)) / 1000,
         "variety": cfg.variety_weight * len(operators_used(summary.get("final_graph", ""))),
     }
     return sum(components.values()), components

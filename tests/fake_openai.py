@@ -8,7 +8,7 @@
 It listens on 127.0.0.1 on an ephemeral port and serves
 
 * ``POST /v1/chat/completions``: waits ``latency`` seconds, then answers with
-  ``reply(messages)`` and a ``usage`` block, unless the next entry of the fault script
+  ``reply(messages)`` (``reply(messages, body=...)`` when it takes a ``body``) and a ``usage`` block, unless the next entry of the fault script
   says otherwise;
 * ``GET /v1/models``: one model.
 
@@ -31,6 +31,7 @@ every thread it started.
 
 from __future__ import annotations
 
+import inspect
 import json
 import socket
 import threading
@@ -166,7 +167,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._error(400, "the body must be a JSON object with a list of messages", "invalid_request_error")
                 return
             messages = body["messages"]
-            text = fake.reply(messages)
+            # a reply that takes a `body` argument also sees the request's parameters (temperature, seed)
+            wants_body = "body" in inspect.signature(fake.reply).parameters
+            text = fake.reply(messages, body=body) if wants_body else fake.reply(messages)
             if fake.usage is not None:
                 prompt_tokens, completion_tokens = fake.usage
             else:

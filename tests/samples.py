@@ -33,3 +33,16 @@ def operator_reply(content: str, answer: str) -> str | None:
     if "Give only the final answer" in content:  # Format
         return answer
     return None
+
+
+def small_split(data_dir, target, benchmark: str = "gsm8k", n: int = 6):
+    """A data directory at `target` whose validate and test splits are the first `n` rows of the real
+    ones: with env.feedback_size=2 and env.eval_subset_size=n-2, every step's sample is the whole pool."""
+    from pathlib import Path
+
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    for split in ("validate", "test"):
+        lines = (Path(data_dir) / f"{benchmark}_{split}.jsonl").read_text().splitlines()[:n]
+        (target / f"{benchmark}_{split}.jsonl").write_text("\n".join(lines) + "\n")
+    return target

@@ -24,7 +24,7 @@ def trainer_config(server, data_dir, workdir, **env):
     return OmegaConf.create({
         "actor_rollout_ref": {"rollout": {"prompt_length": 4096, "response_length": 2048, "n": 2}},
         "data": {"apply_chat_template_kwargs": {}},
-        "env": {"mode": "task", "max_turns": 2, "eval_subset_size": 2, "num_workers": 1,
+        "env": {"mode": "task", "max_turns": 2, "eval_subset_size": 2, "feedback_size": 1, "num_workers": 1,
                 "executor": {"base_url": server.base_url, "model": server.model, "max_tokens": 48},
                 "data_dir": str(data_dir), "actor_timeout_s": 600.0, "workdir": str(workdir), **env},
     })
@@ -176,7 +176,8 @@ def test_real_generation_runs_an_episode(ray_cluster, embedded_executor, data_di
     assert set(penalties) <= {0.0, 0.1}
     assert all(r == 0.0 for r, p in zip(rewards, penalties, strict=True) if p)  # an invalid turn earns nothing
     assert extra["reward_components"] == {"return": pytest.approx(sum(rewards)),
-                                          "format": pytest.approx(-sum(penalties)), "cost": 0.0, "variety": 0.0}
+                                          "format": pytest.approx(-sum(penalties)), "cost": 0.0, "tokens": 0.0,
+                                          "variety": 0.0}
     assert out.reward_score == pytest.approx(sum(rewards) - sum(penalties))
     if penalties[0]:
         assert extra["anchors"][1] == extra["anchors"][0]  # an invalid turn does not move the state

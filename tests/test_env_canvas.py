@@ -2,8 +2,10 @@
 
 In-process AFlowWorker and Episode objects in the real sandbox, with a real local OpenAI-compatible
 server (tests/fake_openai.py) as the executor; one slow test drives Ray actors with the real
-embedded executor. The fake executor answers GSM8K's first validation problem right, and the
-others right only when the prompt asks to solve "carefully", so an edit's score change is known.
+embedded executor. Task mode runs on a 6-problem split (tests.samples.small_split): 2 feedback
+problems and a scoring pool of 4 that every step's sample covers. The fake executor answers two of
+the pool right, and every problem right when the prompt asks to solve "carefully", so an edit's
+score change is known.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from agent_system.config import EnvConfig
 from agent_system.environments.env_package.aflow.canvas_episode import CanvasEpisode
 from agent_system.reward import episode_reward, operators_used
 from tests.fake_openai import FakeOpenAI
-from tests.samples import operator_reply
+from tests.samples import operator_reply, small_split
 from tests.test_canvas import GRAMMAR, needs_linux, random_accepted
 
 pytestmark = needs_linux
@@ -33,13 +35,23 @@ def gsm8k_problems(data_dir, n: int):
     return get_benchmark("gsm8k").load("validate", data_dir, n)
 
 
-def scripted(problems):
-    """Executor replies that depend on the operator template, the problem and the word "carefully"."""
+def pool_halves(data_dir):
+    """The small split's scoring pool as the worker cuts it (default seed), split in two halves."""
+    from agent_system.environments.env_package.aflow.draws import Draws
+
+    pool = Draws(gsm8k_problems(data_dir, 6), 4, 2, EnvConfig().seed).pool
+    return pool[:2], pool[2:]
+
+
+def scripted(problems, right=None):
+    """Executor replies that depend on the operator template, the problem and the word "carefully":
+    right for the problems in `right` (default: the first of `problems`), else only "carefully"."""
+    right_ids = {p.id for p in (right if right is not None else problems[:1])}
 
     def answer_for(content: str) -> str:
-        for i, problem in enumerate(problems):
+        for problem in problems:
             if problem.inputs["problem"][:80] in content:
-                return problem.gold if i == 0 or "carefully" in content else "-1"
+                return problem.gold if problem.id in right_ids or "carefully" in content else "-1"
         return "0"
 
     def reply(messages):
@@ -53,12 +65,19 @@ def scripted(problems):
 
 
 def worker_of(fake, data_dir, tmp_path, **overrides):
+    """A canvas worker on the small split (task mode) with the fake executor."""
     from agent_system.environments.env_package.aflow.worker import AFlowWorker
 
-    config = {"mode": "task", "action_space": "canvas", "max_turns": 4, "eval_subset_size": 2, "num_workers": 1,
-              "executor": {"base_url": fake.base_url, "model": "fake-model", "max_tokens": 32},
-              "data_dir": str(data_dir), **overrides}
+    config = {"mode": "task", "action_space": "canvas", "max_turns": 4, "eval_subset_size": 4, "feedback_size": 2,
+              "num_workers": 1, "executor": {"base_url": fake.base_url, "model": "fake-model", "max_tokens": 32},
+              "data_dir": str(small_split(data_dir, tmp_path / "data")), **overrides}
     return AFlowWorker(config, str(tmp_path / "env"))
+
+
+def task_script(data_dir):
+    """Half the pool right, the feedback problems wrong: the start scores 0.5, "carefully" 1.0."""
+    right, _ = pool_halves(data_dir)
+    return scripted(gsm8k_problems(data_dir, 6), right)
 
 
 def query_row(problem) -> dict:
@@ -80,7 +99,7 @@ def test_action_space_is_validated():
 
 def test_task_mode_scores_edits_finishes_and_rejects_with_reasons(data_dir, tmp_path):
     with FakeOpenAI() as fake:
-        fake.reply = scripted(gsm8k_problems(data_dir, 2))
+        fake.reply = task_script(data_dir)
         worker = worker_of(fake, data_dir, tmp_path)
 
         async def go():
@@ -119,7 +138,7 @@ def test_task_mode_scores_edits_finishes_and_rejects_with_reasons(data_dir, tmp_
 
 def test_already_tried_is_exact_and_later_episodes_see_the_experience(data_dir, tmp_path):
     with FakeOpenAI() as fake:
-        fake.reply = scripted(gsm8k_problems(data_dir, 2))
+        fake.reply = task_script(data_dir)
         worker = worker_of(fake, data_dir, tmp_path, max_turns=3)
         row = {"extra_info": {"benchmark": "gsm8k"}}
 
@@ -134,9 +153,9 @@ def test_already_tried_is_exact_and_later_episodes_see_the_experience(data_dir, 
             nodes = {n: (node.parent, cv.canvas_of(node.graph, node.prompt)) for n, node in state.tree.nodes.items()}
             experience = [(e.parent, e.modification) for e in state.pool.all()]
             await worker.shutdown()
-            return first, again, second, nodes, experience, state.pool.scope
+            return first, again, second, nodes, experience, state.pool.scope, worker.run_id
 
-        first, again, second, nodes, experience, scope = asyncio.run(go())
+        first, again, second, nodes, experience, scope, run_id = asyncio.run(go())
     assert [s["info"]["valid"] for s in first] == [True, False, True]
     assert "already tried" in first[1]["info"]["reason"]  # back to the start canvas: it was this episode's own
     assert "ADD REVIEW (did not improve" in again["observation"]  # the experience of the root, in the prompt
@@ -146,7 +165,7 @@ def test_already_tried_is_exact_and_later_episodes_see_the_experience(data_dir, 
     assert nodes == {1: (None, start), 2: (1, cv.replay(start, ["ADD REVIEW"])),
                      3: (2, cv.replay(start, ["ADD REVIEW", "ENSEMBLE 1 3"])), 4: (1, cv.replay(start, ["ENSEMBLE 1 3"]))}
     assert experience == [(1, "ADD REVIEW"), (2, "ENSEMBLE 1 3"), (1, "ENSEMBLE 1 3")]
-    assert scope == "gsm8k/canvas"  # never mixed with a code-space search's records
+    assert scope == f"{run_id}/gsm8k/canvas"  # this run's, never mixed with a code-space search's records
 
 
 # ---- query mode ----------------------------------------------------------------------------------
@@ -185,10 +204,10 @@ def test_query_mode_return_is_the_final_canvas_score_as_a_hand_written_workflow_
     round file that writes the same workflow by hand scores the same, through the same executor."""
     from aflow.benchmarks import get_benchmark
     from aflow.config import LLMConfig
+    from aflow.evaluate import run_problem
     from aflow.llm import LLMClient
     from aflow.sandbox import Sandbox
     from aflow.workflows import from_source
-    from agent_system.environments.env_package.aflow.episode import score_workflow
 
     problems = gsm8k_problems(data_dir, 2)  # the first is answered right, the second wrong
     edits = ["ENSEMBLE 1 3", CAREFUL.replace("carefully", "with care"), "FINISH"]
@@ -210,10 +229,10 @@ def test_query_mode_return_is_the_final_canvas_score_as_a_hand_written_workflow_
             assert workflow.format == "aflow"
             llm = LLMClient(LLMConfig(base_url=fake.base_url, model="fake-model", cache=False))
             async with Sandbox() as sandbox:
-                scored = [await score_workflow(workflow, [p], get_benchmark("gsm8k"), llm, sandbox, {})
-                          for p in problems]
+                records = [(await run_problem(get_benchmark("gsm8k"), p, workflow, llm, {}, sandbox, scoring="reward"))[0]
+                           for p in problems]
             await llm.close()
-            return [s.score for s in scored]
+            return [r.score for r in records]
 
         runs = asyncio.run(episodes())
         canvas_prompts = {r.body["messages"][-1]["content"] for r in fake.chat_requests}
@@ -275,12 +294,13 @@ def test_random_action_lines_never_crash_an_episode(data_dir, fake_openai, mode)
     from aflow.config import LLMConfig
     from aflow.llm import LLMClient
     from aflow.sandbox import Sandbox
-    from agent_system.environments.env_package.aflow.episode import Scored
+    from agent_system.environments.env_package.aflow.draws import Draws
+    from agent_system.environments.env_package.aflow.measure import Meter, Scored
     from agent_system.environments.env_package.aflow.spaces import query_episode, start_workflow
 
     rng = random.Random(14)
     benches = [get_benchmark("gsm8k"), get_benchmark("humaneval")]
-    problems = {b.name: b.load("validate", data_dir, 1) for b in benches}
+    problems = {b.name: b.load("validate", data_dir, 3) for b in benches}
     tests = {b.name: public_tests(b.name, data_dir) if b.is_code else {} for b in benches}
     fake_openai.reply = scripted(problems["gsm8k"])
     seen = {"valid": 0, "invalid": 0, "finish": 0}
@@ -290,13 +310,14 @@ def test_random_action_lines_never_crash_an_episode(data_dir, fake_openai, mode)
         async with Sandbox() as sandbox:
             for n in range(40 if mode == "query" else 12):
                 bench = benches[n % 2]
+                meter = Meter(bench, llm, sandbox, tests[bench.name])
                 if mode == "query":
-                    episode = query_episode("canvas", bench, problems[bench.name][0], "", llm=llm, sandbox=sandbox,
-                                            tests=tests[bench.name], max_turns=5, max_action_chars=200)
+                    episode = query_episode("canvas", bench, problems[bench.name][0], "", meter, max_turns=5,
+                                            max_action_chars=200)
                 else:
                     seed = start_workflow("canvas", bench.is_code, "")
-                    episode = CanvasEpisode("task", bench, llm, sandbox, tests[bench.name], 5,
-                                            Scored(seed.graph, seed.prompt, 0.0), 1, [], problems[bench.name], 200)
+                    episode = CanvasEpisode("task", meter, 5, Scored(seed.graph, seed.prompt, 0.0), seed, 1, [],
+                                            Draws(problems[bench.name], 1, 1, 0), 200)
                 while not episode.done:
                     observation, reward, done, info = await episode.step(random_line(rng))
                     assert isinstance(observation, str) and isinstance(reward, float) and isinstance(info["anchor"], str)
@@ -343,7 +364,7 @@ def test_task_mode_cannot_farm_credit_by_cycling_back_to_a_visited_canvas(data_d
     time round. Returning to any canvas the episode has been at is rejected (format penalty, no score), so
     the return stays final - start: 0 for a lap that ends where it began, the reference edit earns +0.5."""
     with FakeOpenAI() as fake:
-        fake.reply = scripted(gsm8k_problems(data_dir, 2))
+        fake.reply = task_script(data_dir)
         worker = worker_of(fake, data_dir, tmp_path, max_turns=2)
 
         async def go():

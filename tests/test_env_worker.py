@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -52,7 +53,7 @@ def start_graph(observation: str) -> str:
 
 
 def env_dict(server, data_dir, **overrides):
-    return {"mode": "task", "max_turns": 2, "eval_subset_size": 2, "num_workers": 1,
+    return {"mode": "task", "max_turns": 2, "eval_subset_size": 2, "feedback_size": 1, "num_workers": 1,
             "executor": {"base_url": server.base_url, "model": server.model, "max_tokens": 48},
             "data_dir": str(data_dir), **overrides}
 
@@ -89,11 +90,15 @@ def test_task_mode_group_shares_its_start_and_merges_afterwards(ray_cluster, emb
         again = Episodes(config, group_n=1, workdir=workdir)
         obs_again = await again.reset([{"uid": uid, "extra_info": {"benchmark": "gsm8k"}}])
         assert start_graph(obs_again[0]) == start_graph(obs[0])
-        # its experience line: "improved" exactly when the child scored above its parent (the start)
-        before = next(n["mean"] for n in tree if not n["parent"])
-        after = next(n["mean"] for n in tree if n["modification"] == "Answer style 1.")
-        verdict = "improved" if after > before else "did not improve"
-        assert f"- Answer style 1. ({verdict}: {before:.4f} -> {after:.4f})" in obs_again[0], obs_again[0]
+        # its experience line: "improved" exactly when the child scored above its parent (the start), both
+        # measured on the child's own sample (the parent's measurement there is one of the root's scores)
+        line = re.search(r"- Answer style 1\. \((improved|did not improve): ([0-9.]+) -> ([0-9.]+)\)", obs_again[0])
+        assert line, obs_again[0]
+        verdict, before, after = line.group(1), float(line.group(2)), float(line.group(3))
+        assert after == pytest.approx(next(n["scores"][0] for n in tree if n["modification"] == "Answer style 1."),
+                                      abs=1e-4)
+        assert any(before == pytest.approx(s, abs=1e-4) for s in next(n["scores"] for n in tree if not n["parent"]))
+        assert verdict == ("improved" if after > before else "did not improve")
         await again.close()
         return summaries
 
@@ -105,6 +110,9 @@ def test_task_mode_group_shares_its_start_and_merges_afterwards(ray_cluster, emb
 
 
 def test_query_mode_scores_the_workflow_on_its_problem(ray_cluster, embedded_executor, data_dir, tmp_path):
+    """Through the actor: the row's problem is the one scored, and a workflow that returns the right answer
+    as a constant (the policy answering it itself) is credited nothing (tests/test_env_integrity.py has the
+    honest counterpart, which earns the score)."""
     config = env_dict(embedded_executor, data_dir, mode="query", max_turns=2)
     row = {"uid": "q-1", "extra_info": {"benchmark": "gsm8k", "index": 0, "problem_id": "x",
                                          "inputs": '{"problem": "What is 3 + 4?"}'},
@@ -123,7 +131,7 @@ def test_query_mode_scores_the_workflow_on_its_problem(ray_cluster, embedded_exe
         return rewards, dones, infos
 
     rewards, dones, infos = asyncio.run(go())
-    assert rewards == [1.0] and dones == [True] and infos[0]["score"] == 1.0
+    assert rewards == [0.0] and dones == [True] and infos[0]["valid"] and infos[0]["score"] == 0.0
 
 
 def test_manager_keeps_a_bounded_history():
@@ -138,11 +146,13 @@ def test_manager_keeps_a_bounded_history():
 def test_reward_shaping_terms():
     from agent_system.config import RewardConfig
 
-    summary = {"mode": "task", "cost_usd": 0.5, "final_graph": GRAPH.replace("Custom", "Custom, ScEnsemble", 1),
+    summary = {"mode": "task", "cost_usd": 0.5, "tokens": 1500,
+               "final_graph": GRAPH.replace("Custom", "Custom, ScEnsemble", 1),
                "turns": [{"valid": True, "reward": 0.2}, {"valid": False, "reward": 0.0}]}
-    total, parts = episode_reward(summary, RewardConfig(format_penalty=0.1, cost_penalty=0.2, variety_weight=0.05))
-    assert parts == pytest.approx({"return": 0.2, "format": -0.1, "cost": -0.1, "variety": 0.1})
-    assert total == pytest.approx(0.1)
+    total, parts = episode_reward(summary, RewardConfig(format_penalty=0.1, cost_penalty=0.2, variety_weight=0.05,
+                                                        token_penalty=0.02))
+    assert parts == pytest.approx({"return": 0.2, "format": -0.1, "cost": -0.1, "tokens": -0.03, "variety": 0.1})
+    assert total == pytest.approx(0.07)
     assert operators_used(GRAPH) == {"Custom"}
     bonus = group_diversity_bonus([frozenset({"Custom"}), frozenset({"Custom", "ScEnsemble"}), frozenset({"A"})],
                                   ["u", "u", "v"], weight=1.0)
@@ -153,29 +163,30 @@ def test_reward_shaping_terms():
 @pytest.mark.parametrize("verdict,expected", [("yes", 1.0), ("no", None)])
 def test_llm_judge_can_raise_a_qa_score(fake_openai, verdict, expected, tmp_path, monkeypatch):
     """Query mode on a QA benchmark: the judge (a real local HTTP endpoint) sees question,
-    references and answer; its yes lifts a lexical F1 that missed a paraphrase."""
+    references and answer; its yes lifts a lexical F1 that missed a paraphrase the executor wrote."""
     from aflow.benchmarks import Problem, get_benchmark
     from aflow.config import LLMConfig
     from aflow.llm import LLMClient
     from aflow.sandbox import Sandbox
     from agent_system.config import EndpointConfig
-    from agent_system.environments.env_package.aflow.episode import Episode, Scored
+    from agent_system.environments.env_package.aflow.measure import Meter
+    from agent_system.environments.env_package.aflow.spaces import query_episode
     from agent_system.reward import make_judge
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a fresh response cache for this verdict
-    fake_openai.reply = lambda messages: verdict if "Reference answer(s)" in messages[0]["content"] else "x"
-    graph = GRAPH.replace('return result["response"]', 'return "the novelist Eric Blair"')
+    fake_openai.reply = lambda messages: (verdict if "Reference answer(s)" in messages[0]["content"]
+                                          else "the novelist Eric Blair")
     problem = Problem(id="h1", inputs={"problem": "Who wrote Animal Farm?"},
                       reference={"answers": ["George Orwell (Eric Blair)"]})
 
     async def go():
         llm = LLMClient(LLMConfig(base_url=fake_openai.base_url, model="exe", cache=False))
         judge = make_judge(EndpointConfig(base_url=fake_openai.base_url, model="judge"))
+        bench = get_benchmark("hotpotqa")
         async with Sandbox() as sandbox:
-            episode = Episode("query", get_benchmark("hotpotqa"), llm, sandbox, {}, 1, Scored("", "", 0.0), None, [],
-                              [problem], 20_000, judge)
+            episode = query_episode("code", bench, problem, "builtin:io", Meter(bench, llm, sandbox, {}), judge=judge)
             _, reward, done, info = await episode.step(
-                f"<modification>x</modification><graph>{graph}</graph><prompt>STYLE = ''</prompt>")
+                f"<modification>x</modification><graph>{GRAPH}</graph><prompt>STYLE = ''</prompt>")
         await llm.close()
         await judge.client.close()
         return reward, done
@@ -257,13 +268,14 @@ def test_validation_rows_score_the_test_split_and_never_touch_the_training_tree(
             await worker.step("v", action(2))
             await worker.close("v")
             trees = await worker.tree_summary("gsm8k"), await worker.tree_summary("gsm8k", "test")
-            problems = {split: [p.id for p in state.problems] for (_, split), state in worker.tasks.items()}
+            problems = {split: {p.id for p in state.draws.feedback + state.draws.pool}
+                        for (_, split), state in worker.tasks.items()}
             await worker.shutdown()
             return trees, problems
 
         (train_tree, val_tree), problems = asyncio.run(go())
     assert len(train_tree) == 2  # root + the training episode's workflow
     assert len(val_tree) == 1  # root only: the validation episode was not merged anywhere
-    test_ids = [json.loads(line)["id"] for line in (data_dir / "gsm8k_test.jsonl").read_text().splitlines()[:2]]
-    validate_ids = [json.loads(line)["id"] for line in (data_dir / "gsm8k_validate.jsonl").read_text().splitlines()[:2]]
+    test_ids = {json.loads(line)["id"] for line in (data_dir / "gsm8k_test.jsonl").read_text().splitlines()}
+    validate_ids = {json.loads(line)["id"] for line in (data_dir / "gsm8k_validate.jsonl").read_text().splitlines()}
     assert problems == {"validate": validate_ids, "test": test_ids}

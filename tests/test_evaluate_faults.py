@@ -187,3 +187,33 @@ def test_concurrency_bounds_the_executor_calls_in_flight(tmp_path, gsm8k):
         assert result.returncode == 0, result.stderr
         assert fake.count == 12 + PROBE
         assert fake.max_in_flight == 3
+
+
+ENSEMBLE_GRAPH = '''from aflow_ops import Custom, ScEnsemble
+
+
+class Workflow:
+    def __init__(self):
+        self.custom = Custom()
+        self.sc_ensemble = ScEnsemble()
+
+    async def __call__(self, problem):
+        solutions = [(await self.custom(input=problem, instruction="Solve."))["response"] for _ in range(3)]
+        return (await self.sc_ensemble(solutions=solutions, problem=problem))["response"]
+'''
+
+
+@pytest.mark.parametrize("temperature", [None, "0.3"])
+def test_ensemble_members_are_independent_samples_in_aflow_evaluate(tmp_path, gsm8k, temperature):
+    """Three identical requests in one run: the first at the executor's temperature, the repeats at
+    --sample-temperature (default 0.7) with seeds 1 and 2, so the cache cannot make them one answer."""
+    workflow = tmp_path / "ensemble"
+    workflow.mkdir()
+    (workflow / "graph.py").write_text(ENSEMBLE_GRAPH)
+    with FakeOpenAI(reply=lambda messages: "<solution_letter>A</solution_letter>") as fake:
+        args = ["--limit", "1", "--workflow", str(workflow)] + (["--sample-temperature", temperature] if temperature else [])
+        summary = last_json(aflow_evaluate(tmp_path, gsm8k.parent, *args, base_url=fake.base_url))
+        sent = [(r.body.get("temperature"), r.body.get("seed")) for r in fake.chat_requests[PROBE:]]
+    expected = float(temperature or 0.7)
+    assert summary["calls"] == 4 and sorted(sent[:3], key=str) == sorted([(0.0, None), (expected, 1), (expected, 2)],
+                                                                          key=str)

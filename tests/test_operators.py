@@ -105,3 +105,76 @@ def test_bad_arguments_name_the_interface(fake_openai):
 ])
 def test_extract_code(text, entry, expected):
     assert parsing.extract_code(text, entry) == expected
+
+
+# ---- sampling and budgets (aflow.operators.CallPolicy) -----------------------------------------
+
+def test_repeated_requests_are_independent_seeded_samples_with_their_own_cache_entries(fake_openai, tmp_path):
+    """An ensemble asks the same thing k times: at temperature 0 with a cache, that used to be one answer
+    k times. The k-th repeat now carries temperature and seed k, and each has its own cache entry, so a
+    second run replays all k samples from the cache."""
+    from aflow.operators import CallPolicy
+
+    fake_openai.reply = lambda messages, body: f"sample {body.get('seed')}"
+
+    async def go():
+        llm = LLMClient(LLMConfig(base_url=fake_openai.base_url, model="fake", cache_path=tmp_path / "c.sqlite"))
+        try:
+            runs = []
+            for _ in range(2):
+                ctx = OperatorContext(llm, policy=CallPolicy(sample_temperature=0.9))
+                runs.append([await ctx.ask("Solve 2+2.") for _ in range(3)] + [await ctx.ask("Other.")])
+            return runs, ctx.usage
+        finally:
+            await llm.close()
+
+    (first, second), usage = asyncio.run(go())
+    assert first == second == ["sample None", "sample 1", "sample 2", "sample None"]
+    bodies = [r.body for r in fake_openai.chat_requests]
+    assert [(b.get("temperature"), b.get("seed")) for b in bodies] == [(0.0, None), (0.9, 1), (0.9, 2), (0.0, None)]
+    assert usage.cached == 4 and usage.calls == 0  # the second run: every sample from the cache
+
+
+def test_a_run_over_its_call_budget_fails_whatever_the_workflow_does_with_the_refusal(fake_openai, tmp_path):
+    from aflow.benchmarks import Problem, get_benchmark
+    from aflow.evaluate import run_problem
+    from aflow.operators import CallPolicy
+    from aflow.sandbox import Sandbox
+    from aflow.workflows import from_source
+
+    graph = """from aflow_ops import Custom
+
+
+class Workflow:
+    def __init__(self):
+        self.custom = Custom()
+
+    async def __call__(self, problem):
+        answer = ""
+        for i in range(60):
+            try:
+                answer = (await self.custom(input=problem, instruction=f"try {i}"))["response"]
+            except Exception:
+                break
+        return answer
+"""
+    fake_openai.reply = lambda messages: "4"
+    problem = Problem(id="p", inputs={"problem": "2+2?"}, reference={"answer": "4"})
+
+    async def go(policy):
+        llm = LLMClient(LLMConfig(base_url=fake_openai.base_url, model="fake", cache_path=tmp_path / "c.sqlite"))
+        try:
+            async with Sandbox() as sandbox:
+                return (await run_problem(get_benchmark("gsm8k"), problem, from_source(graph), llm, {}, sandbox,
+                                          policy=policy))[0]
+        finally:
+            await llm.close()
+
+    capped = asyncio.run(go(CallPolicy(max_calls=10)))
+    assert capped.score == 0.0 and "call budget spent (10 calls" in capped.error
+    assert fake_openai.count == 10
+    tokens = asyncio.run(go(CallPolicy(max_tokens=30)))  # each call: 3 prompt words + 1 completion word
+    assert tokens.score == 0.0 and "token budget spent (30 tokens" in tokens.error
+    free = asyncio.run(go(CallPolicy()))  # no cap: 60 calls (10 of them cached), the answer right
+    assert free.score == 1.0 and free.error is None and free.calls + free.cached_calls == 60
+    assert free.cached_calls == 10 and free.cached_tokens == 10 * 4

@@ -228,33 +228,38 @@ def test_real_hedges_score_zero_under_reward(data_dir):
     ("aflow", "Awolnation Foo Fighters", 1.0, 1),  # AFlow's rules: the judge's max, as before
 ])
 def test_judge_that_always_says_yes_cannot_restore_a_hedge(scoring, output, expected, judged, tmp_path, monkeypatch):
-    """Query mode on HotpotQA with a real local OpenAI-compatible judge that always says yes."""
+    """Query mode on HotpotQA with a real local OpenAI-compatible judge that always says yes; the
+    executor writes the output (a constant in graph.py earns nothing, the judge notwithstanding)."""
     from aflow.config import LLMConfig
     from aflow.llm import LLMClient
     from aflow.sandbox import Sandbox
     from agent_system.config import EndpointConfig
-    from agent_system.environments.env_package.aflow.episode import Episode, Scored
+    from agent_system.environments.env_package.aflow.measure import Meter
+    from agent_system.environments.env_package.aflow.spaces import query_episode
     from agent_system.reward import make_judge
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    graph = GRAPH.replace('return result["response"]', f'return {output!r}')
     p = problem("hotpotqa", BANDS, ["Foo Fighters"])
 
     async def go(server):
         llm = LLMClient(LLMConfig(base_url=server.base_url, model="exe", cache=False))
         judge = make_judge(EndpointConfig(base_url=server.base_url, model="judge"))
+        bench = get_benchmark("hotpotqa")
         try:
             async with Sandbox() as sandbox:
-                episode = Episode("query", get_benchmark("hotpotqa"), llm, sandbox, {}, 1, Scored("", "", 0.0), None,
-                                  [], [p], 20_000, judge, scoring=scoring)
+                meter = Meter(bench, llm, sandbox, {}, scoring=scoring)
+                episode = query_episode("code", bench, p, "builtin:io", meter, judge=judge)
                 _, reward, done, _ = await episode.step(
-                    f"<modification>x</modification><graph>{graph}</graph><prompt>STYLE = ''</prompt>")
+                    f"<modification>x</modification><graph>{GRAPH}</graph><prompt>STYLE = ''</prompt>")
         finally:
             await llm.close()
             await judge.client.close()
         return reward, done
 
-    with FakeOpenAI(reply=lambda messages: "yes") as server:
+    def reply(messages):
+        return "yes" if "Reference answer(s)" in messages[0]["content"] else output
+
+    with FakeOpenAI(reply=reply) as server:
         reward, done = asyncio.run(go(server))
         asked = [r for r in server.chat_requests if "Reference answer(s)" in r.body["messages"][0]["content"]]
     assert done and reward == expected

@@ -511,3 +511,48 @@ def test_aflow_scripts_style_round_runs():
     result = run(code, {"problem": "Capital of France?"}, handler, dataset="HotpotQA")
     assert result.ok, result.error
     assert result.value == "Paris"
+
+
+# ---- behavioural identity (aflow.workflows.identity) ---------------------------------------------
+
+IDENTITY_GRAPH = '''from aflow_ops import Custom
+import prompt
+
+
+class Workflow:
+    def __init__(self):
+        self.custom = Custom()
+
+    async def __call__(self, problem):
+        result = await self.custom(input=problem, instruction=prompt.SOLVE)
+        return result["response"]
+'''
+IDENTITY_PROMPT = 'SOLVE = "Solve it step by step."\n'
+
+
+@pytest.mark.parametrize("graph,prompt", [
+    (IDENTITY_GRAPH.replace("class Workflow:", "class Workflow:\n    # a comment only"), IDENTITY_PROMPT),
+    (IDENTITY_GRAPH.replace("class Workflow:", 'class Workflow:\n    """A docstring only."""'), IDENTITY_PROMPT),
+    (IDENTITY_GRAPH.replace("\n\n\nclass", "\n\n\n\n\nclass"), IDENTITY_PROMPT + "\n\n"),
+    (IDENTITY_GRAPH.replace("result", "reply"), IDENTITY_PROMPT),  # a renamed local
+    (IDENTITY_GRAPH, 'SOLVE = "Solve it   step by step. "\n'),  # whitespace inside the prompt
+    (IDENTITY_GRAPH, 'SOLVE = (\n    "Solve it "\n    "step by step."\n)\n'),  # the same string, reflowed
+])
+def test_cosmetic_variants_have_one_behaviour_hash(graph, prompt):
+    from aflow.workflows.identity import behaviour_hash
+
+    assert behaviour_hash(graph, prompt) == behaviour_hash(IDENTITY_GRAPH, IDENTITY_PROMPT)
+
+
+@pytest.mark.parametrize("graph,prompt", [
+    (IDENTITY_GRAPH, 'SOLVE = "Solve it step by step, carefully."\n'),  # the executor reads other words
+    (IDENTITY_GRAPH.replace("Custom", "AnswerGenerate").replace('["response"]', '["answer"]')
+     .replace(", instruction=prompt.SOLVE", ""), IDENTITY_PROMPT),  # another operator
+    (IDENTITY_GRAPH.replace("instruction=prompt.SOLVE", "instruction=prompt.SOLVE + problem"), IDENTITY_PROMPT),
+    (IDENTITY_GRAPH.replace("(self, problem)", "(self, question)").replace("input=problem", "input=question"),
+     IDENTITY_PROMPT),  # an argument's name is part of the interface (the sandbox may pass it by keyword)
+])
+def test_behavioural_changes_change_the_hash(graph, prompt):
+    from aflow.workflows.identity import behaviour_hash
+
+    assert behaviour_hash(graph, prompt) != behaviour_hash(IDENTITY_GRAPH, IDENTITY_PROMPT)

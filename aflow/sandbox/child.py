@@ -563,6 +563,11 @@ def run_workflow(job, channel, loop):
         return await future
 
     sys.modules["aflow_ops"] = build_operator_module(job["operators"], call)
+    # A forked child reseeds `random` from the OS: seed it from the job instead, so that two runs of one
+    # workflow on one problem differ only in what the executor answered (the environment's counterfactual)
+    import random
+
+    random.seed(job.get("seed", 0))
     load_module("prompt", job.get("prompt"))
     graph = load_module("graph", job["graph"])
     workflow_cls = getattr(graph, "Workflow", None)

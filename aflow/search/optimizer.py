@@ -71,6 +71,7 @@ class SearchConfig:
     selection: SelectionConfig = field(default_factory=SelectionConfig)
     scoring: str = "aflow"  # aflow.benchmarks.SCORING_VARIANTS; scores of different variants never mix
     validation_temperature: float = 0.7  # executor temperature of validation runs 2..K (run 1: the executor's)
+    sample_temperature: float = 0.7  # repeats of a request within one workflow run (aflow.operators.CallPolicy)
     action_space: str = "code"  # ACTION_SPACES: what the optimizer answers (whole files, or one canvas edit)
 
     def __post_init__(self):
@@ -83,7 +84,7 @@ class SearchConfig:
                 "seed": self.seed, "selection": self.selection.rule, "value_provider": self.value_provider,
                 "value_weight": self.selection.value_weight, "initial_workflow": self.initial_workflow,
                 "scoring": self.scoring, "validation_temperature": self.validation_temperature,
-                "action_space": self.action_space}
+                "action_space": self.action_space, "sample_temperature": self.sample_temperature}
 
 
 def initial_workflow(benchmark: str, spec: str, action_space: str) -> WorkflowCode:
@@ -138,8 +139,10 @@ class SampledExecutor:
         self.config = llm.config
 
     async def chat(self, messages, usage=None, **overrides):
-        return await self.llm.chat(messages, usage=usage, **{"temperature": self.temperature, "seed": self.seed,
-                                                            **overrides})
+        # a repeated request within the run (CallPolicy: seed k) keeps this run's own seed, offset by k
+        repeat = overrides.pop("seed", 0)
+        return await self.llm.chat(messages, usage=usage, **{**overrides, "temperature": self.temperature,
+                                                            "seed": self.seed * 1_000_003 + repeat if repeat else self.seed})
 
     async def check(self, *args, **kwargs):
         return await self.llm.check(*args, **kwargs)
@@ -241,7 +244,8 @@ class Search:
         for run in range(total):
             config = EvalConfig(benchmark=self.config.benchmark, split="validate", workflow=str(directory),
                                 limit=self.config.limit, concurrency=self.config.concurrency,
-                                data_dir=self.config.data_dir, scoring=self.config.scoring)
+                                data_dir=self.config.data_dir, scoring=self.config.scoring,
+                                sample_temperature=self.config.sample_temperature)
             executor = self.executor
             if run > 0:
                 executor = SampledExecutor(self.executor, self.config.validation_temperature,

@@ -57,7 +57,7 @@ def test_one_grpo_step_via_launch_sh(tmp_path):
         "actor_rollout_ref.rollout.max_num_seqs=4",
         "env.num_workers=1",
         "env.max_turns=1",
-        "env.eval_subset_size=2",
+        "env.eval_subset_size=2", "env.feedback_size=1",
         "trainer.total_training_steps=1",
         "trainer.val_before_train=false",
         "trainer.test_freq=-1",

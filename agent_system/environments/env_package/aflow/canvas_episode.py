@@ -6,7 +6,8 @@ same `project_canvas` as `aflow optimize --action-space canvas`; the workflow it
 compiled canvas, an ordinary workflow for scoring, the search tree and the experience. The canvas
 of a workflow comes back from its files (`canvas_of`), so a tree node needs nothing else.
 
-Task mode: a valid edit is scored on the fixed subset, its reward the score change; FINISH is a
+Task mode: a valid edit is measured against the canvas it edits on a fresh sample (episode.py), its
+reward the difference; FINISH is a
 valid turn with reward 0 that ends the episode. "Already tried" is exact: the canvases the start
 node's recorded edits made, plus every canvas this episode has been at (the start included).
 
@@ -18,7 +19,6 @@ reward, so the episode return is the final workflow's score.
 from __future__ import annotations
 
 from aflow import canvas as cv
-from aflow.search.experience import Experience
 from aflow.search.projection import CanvasMove, project_canvas, tried_canvases
 from aflow.search.prompts import canvas_optimizer_prompt
 from aflow.workflows import from_source
@@ -66,12 +66,11 @@ class CanvasEpisode(Episode):
             turn = Turn(anchor, True, 0.0, "", self.current.score if self.mode == "task" else None,
                         move.modification)
         elif self.mode == "task":
-            scored = await self._evaluate(move.workflow)
-            turn = Turn(anchor, True, scored.score - self.current.score, "", scored.score, move.modification)
+            scored, baseline = await self._paired(move.workflow)
+            turn = Turn(anchor, True, scored.score - baseline, "", scored.score, move.modification)
             self.nodes.append((move.modification, scored))
-            self.experience = self.experience + [Experience(-1, -1, move.modification, self.current.score,
-                                                            scored.score)]
-            self.current, self.canvas = scored, move.canvas
+            self._moved(move.modification, baseline, scored)
+            self.current_code, self.canvas = move.workflow, move.canvas
             self.tried.add(cv.canonical(move.canvas))
         else:
             turn = Turn(anchor, True, 0.0, "", None, move.modification)

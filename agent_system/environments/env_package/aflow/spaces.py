@@ -11,7 +11,8 @@ from aflow import canvas as cv
 from aflow.benchmarks import Benchmark, Problem
 from aflow.workflows import WorkflowCode, from_source, load_workflow
 from agent_system.environments.env_package.aflow.canvas_episode import CanvasEpisode
-from agent_system.environments.env_package.aflow.episode import Episode, Scored
+from agent_system.environments.env_package.aflow.episode import Episode
+from agent_system.environments.env_package.aflow.measure import Meter, Scored
 
 
 def episode_class(action_space: str) -> type[Episode]:
@@ -26,11 +27,11 @@ def start_workflow(action_space: str, code: bool, initial_workflow: str) -> Work
     return load_workflow(initial_workflow)
 
 
-def query_episode(action_space: str, bench: Benchmark, problem: Problem, initial_workflow: str, *, llm=None,
-                  sandbox=None, tests: dict | None = None, max_turns: int = 1, max_action_chars: int = 20_000,
-                  judge=None, scoring: str = "reward", slots=None) -> Episode:
-    """A query-mode episode on one problem (without llm and sandbox: good for its observation only)."""
+def query_episode(action_space: str, bench: Benchmark, problem: Problem, initial_workflow: str,
+                  meter: Meter | None = None, *, max_turns: int = 1, max_action_chars: int = 20_000, judge=None,
+                  decoys: list[list[str]] = ()) -> Episode:
+    """A query-mode episode on one problem (without a meter: good for its observation only)."""
     seed = start_workflow(action_space, bench.is_code, initial_workflow)
-    return episode_class(action_space)("query", bench, llm, sandbox, tests or {}, max_turns,
-                                       Scored(seed.graph, seed.prompt, 0.0), None, [], [problem], max_action_chars,
-                                       judge, scoring=scoring, slots=slots)
+    meter = meter or Meter(bench, None, None, {})
+    return episode_class(action_space)("query", meter, max_turns, Scored(seed.graph, seed.prompt, 0.0), seed, None,
+                                       [], [problem], max_action_chars, judge, decoys=decoys)

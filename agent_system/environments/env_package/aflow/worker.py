@@ -11,8 +11,15 @@ initial workflow, in a state of their own that is never merged: validation measu
 much the policy improves a fresh workflow on unseen problems, and never grows the
 training tree or its experience.
 
-Load: every problem a worker runs holds a sandbox process and executor calls; one
-semaphore of `env.concurrency` slots per worker bounds them across all its episodes.
+Problems (task mode): a split is cut into a feedback set, the only problems the policy sees, and
+a scoring pool sampled afresh at every step (draws.py). A node's scores are every measurement of
+it on such samples (its own step's, and each later step that started from it), so selection
+reads a mean over fresh samples, not one lucky draw. Workflows that differ only cosmetically are
+one node (aflow.workflows.identity).
+
+Load: every problem a worker runs holds a sandbox process and executor calls; one semaphore of
+`env.concurrency` slots per worker bounds them across all its episodes, and each measurement
+holds at most `env.workflow_concurrency` of them within its own time budget (measure.py).
 """
 
 from __future__ import annotations
@@ -22,7 +29,9 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import asdict
+import uuid
+from collections import deque
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,8 +44,11 @@ from aflow.sandbox import Sandbox
 from aflow.search.experience import Experience, ExperiencePool
 from aflow.search.selection import SelectionConfig, select
 from aflow.search.tree import Node, Tree
+from aflow.workflows import WorkflowCode
 from agent_system.config import EnvConfig
-from agent_system.environments.env_package.aflow.episode import Episode, Outcome, Scored, score_workflow
+from agent_system.environments.env_package.aflow.draws import Draws
+from agent_system.environments.env_package.aflow.episode import Baselines, Episode, Outcome
+from agent_system.environments.env_package.aflow.measure import Meter, Scored, measure
 from agent_system.environments.env_package.aflow.spaces import episode_class, query_episode, start_workflow
 from agent_system.reward import QA_BENCHMARKS, make_judge
 
@@ -51,21 +63,36 @@ TRAIN_SPLIT, VALIDATION_SPLIT = "validate", "test"  # AFlow's: search on validat
 
 
 class TaskState:
-    """One benchmark's search in task mode on one split: tree, experience, the fixed problem subset.
+    """One benchmark's search in task mode on one split: tree, experience, its feedback set and scoring pool.
     The training split's state grows with every episode; the validation split's never does."""
 
-    def __init__(self, benchmark: str, cfg: EnvConfig, pool: ExperiencePool, split: str = TRAIN_SPLIT):
+    def __init__(self, benchmark: str, cfg: EnvConfig, pool: ExperiencePool, meter: Meter, split: str = TRAIN_SPLIT):
         self.bench = get_benchmark(benchmark)
         self.split = split
         data_dir = resolve_data_dir(cfg.data_dir)
-        self.problems = self.bench.load(split, data_dir, cfg.eval_subset_size)
-        self.tests = public_tests(self.bench.name, data_dir) if self.bench.is_code else {}
+        self.draws = Draws(self.bench.load(split, data_dir), cfg.eval_subset_size, cfg.feedback_size, cfg.seed)
+        tests = public_tests(self.bench.name, data_dir) if self.bench.is_code else {}
+        self.meter = meter.bound(self.bench, tests, meter.sandbox)
         self.tree = Tree()
-        self.scored: dict[int, Scored] = {}
+        self.scored: dict[int, Scored] = {}  # round -> its first measurement (with the feedback failures)
+        self.rounds: dict[str, int] = {}  # behaviour hash -> round: cosmetic variants are one node
+        self.measured: set[tuple[str, str]] = set()  # (hash, sample) measurements already in a node's scores
+        self.baselines = Baselines()
         self.pool = pool
         self.starts: dict[str, int] = {}  # uid -> round every rollout of that row starts from
         self.rng = np.random.RandomState(cfg.seed)
         self.lock = asyncio.Lock()
+
+    def start_of(self, round_: int) -> tuple[Scored, WorkflowCode]:
+        """A node as an episode's start: its feedback failures, and its mean over all its measurements."""
+        node = self.tree.nodes[round_]
+        return (replace(self.scored[round_], score=node.mean),
+                WorkflowCode(f"round_{round_}", node.graph, node.prompt))
+
+    def tried_from(self, round_: int, experience: list[Experience]) -> dict[str, str]:
+        """Behaviour hashes of the workflows already tried from a node: proposing one again is no new workflow."""
+        children = [self.tree.nodes[e.child] for e in experience if e.child in self.tree.nodes]
+        return {self.scored[n.round].hash: "a workflow already tried from this node" for n in children}
 
 
 class AFlowWorker:
@@ -86,7 +113,11 @@ class AFlowWorker:
         self.tasks: dict[tuple[str, str], TaskState] = {}  # (benchmark, split)
         self.episodes: dict[str, Episode] = {}
         self.task_of: dict[str, tuple[str, str]] = {}
+        self.query_bench: dict[str, str] = {}
         self.slots = asyncio.Semaphore(max(1, self.cfg.concurrency))
+        self.meter = Meter.of(self.cfg, self.llm, self.slots)
+        self.run_id = self.cfg.run_id or uuid.uuid4().hex[:12]  # experience records belong to this run only
+        self.decoys: dict[str, deque] = {}  # benchmark -> recent real reply transcripts (query-mode counterfactuals)
         self.judge = None
 
     async def ping(self) -> int:
@@ -100,21 +131,22 @@ class AFlowWorker:
 
     async def _task(self, benchmark: str, split: str = TRAIN_SPLIT) -> TaskState:
         key = (benchmark, split)
+        sandbox = await self._sandbox()  # before the check: no await between it and the state's creation
         if key not in self.tasks:
-            scope = benchmark if split == TRAIN_SPLIT else f"{benchmark}/{split}"
+            scope = f"{self.run_id}/{benchmark}" if split == TRAIN_SPLIT else f"{self.run_id}/{benchmark}/{split}"
             if self.cfg.action_space != "code":  # a canvas search's records are canvas edits of its own nodes
                 scope = f"{scope}/{self.cfg.action_space}"
             pool = ExperiencePool(self.workdir / "experience.sqlite", scope=scope)
-            self.tasks[key] = TaskState(benchmark, self.cfg, pool, split)
+            self.tasks[key] = TaskState(benchmark, self.cfg, pool, replace(self.meter, sandbox=sandbox), split)
         state = self.tasks[key]
         async with state.lock:
-            if not state.tree.nodes:  # the root: the initial workflow, scored once
+            if not state.tree.nodes:  # the root: the initial workflow, measured once on a sample of its own
                 seed = start_workflow(self.cfg.action_space, state.bench.is_code, self.cfg.initial_workflow)
-                scored = await score_workflow(seed, state.problems, state.bench, self.llm, await self._sandbox(),
-                                              state.tests, self.cfg.reward.scoring, self.slots)
+                scored, _ = await measure(seed, state.draws.sample("root", 0), state.meter, state.draws.feedback)
                 state.tree.add(Node(round=1, graph=seed.graph, prompt=seed.prompt, modification="initial workflow",
                                     scores=[scored.score], cost_usd=scored.cost_usd, calls=scored.calls))
                 state.scored[1] = scored
+                state.rounds[scored.hash] = 1
         return state
 
     async def reset(self, episode_id: str, uid: str, row: dict) -> dict:
@@ -129,20 +161,23 @@ class AFlowWorker:
                     node, _ = select(state.tree, SelectionConfig(), state.rng)
                     state.starts[uid] = node.round
                 start_round = state.starts[uid]
-            episode = episode_class(self.cfg.action_space)("task", state.bench, self.llm, sandbox, state.tests, self.cfg.max_turns,
-                              state.scored[start_round], start_round, state.pool.of_parent(start_round),
-                              state.problems, self.cfg.max_action_chars, scoring=self.cfg.reward.scoring,
-                              slots=self.slots)
+            start, start_code = state.start_of(start_round)
+            experience = state.pool.of_parent(start_round)
+            episode = episode_class(self.cfg.action_space)(
+                "task", state.meter, self.cfg.max_turns, start, start_code, start_round, experience, state.draws,
+                self.cfg.max_action_chars, uid=uid, known=state.tried_from(start_round, experience),
+                baselines=state.baselines)
             self.task_of[episode_id] = (benchmark, split)
         else:
             bench = get_benchmark(benchmark)
             problem = query_problem(row, benchmark)
             tests = public_tests(bench.name, resolve_data_dir(self.cfg.data_dir)) if bench.is_code else {}
             judge = self._judge() if bench.name in QA_BENCHMARKS else None
-            episode = query_episode(self.cfg.action_space, bench, problem, self.cfg.initial_workflow, llm=self.llm,
-                                    sandbox=sandbox, tests=tests, max_turns=self.cfg.max_turns,
+            episode = query_episode(self.cfg.action_space, bench, problem, self.cfg.initial_workflow,
+                                    self.meter.bound(bench, tests, sandbox), max_turns=self.cfg.max_turns,
                                     max_action_chars=self.cfg.max_action_chars, judge=judge,
-                                    scoring=self.cfg.reward.scoring, slots=self.slots)
+                                    decoys=list(self.decoys.get(bench.name, ())))
+            self.query_bench[episode_id] = bench.name
         self.episodes[episode_id] = episode
         return {"observation": episode.observation(), "anchor_state": episode.current.graph}
 
@@ -167,20 +202,33 @@ class AFlowWorker:
         key = self.task_of.pop(episode_id, None)
         if outcome.mode == "task" and key and key[1] == TRAIN_SPLIT and not failed:
             await self._merge(self.tasks[key], outcome)
+        bench = self.query_bench.pop(episode_id, None)
+        if bench is not None:
+            self.decoys.setdefault(bench, deque(maxlen=DECOYS_KEPT)).extend(outcome.transcripts)
         return outcome_summary(outcome)
 
     async def _merge(self, state: TaskState, outcome: Outcome) -> None:
+        """The episode's workflows join the tree (a cosmetic variant of a node adds a measurement to it,
+        not a node), then every measurement the episode made of a workflow it started a step from."""
         async with state.lock:
             parent = outcome.start_round
-            for modification, scored in outcome.nodes:
-                number = max(state.tree.nodes) + 1
-                before = state.scored[parent].score
-                state.tree.add(Node(round=number, graph=scored.graph, prompt=scored.prompt, parent=parent,
-                                    modification=modification, scores=[scored.score], cost_usd=scored.cost_usd,
-                                    calls=scored.calls))
-                state.scored[number] = scored
-                state.pool.add(Experience(parent, number, modification, before, scored.score))
+            for (modification, scored), before in zip(outcome.nodes, outcome.befores, strict=True):
+                number = state.rounds.get(scored.hash)
+                if number is None:
+                    number = max(state.tree.nodes) + 1
+                    state.tree.add(Node(round=number, graph=scored.graph, prompt=scored.prompt, parent=parent,
+                                        modification=modification, scores=[scored.score],
+                                        cost_usd=scored.cost_usd, calls=scored.calls))
+                    state.scored[number], state.rounds[scored.hash] = scored, number
+                    state.pool.add(Experience(parent, number, modification, before, scored.score))
+                else:
+                    state.tree.nodes[number].scores.append(scored.score)
                 parent = number
+            for workflow, sample, score in outcome.remeasured:
+                number = state.rounds.get(workflow)
+                if number is not None and (workflow, sample) not in state.measured:
+                    state.measured.add((workflow, sample))
+                    state.tree.nodes[number].scores.append(score)
 
     async def tree_summary(self, benchmark: str, split: str = TRAIN_SPLIT) -> list[dict]:
         state = self.tasks.get((benchmark, split))
@@ -190,6 +238,9 @@ class AFlowWorker:
         if self.sandbox is not None:
             await self.sandbox.close()
         await self.llm.close()
+
+
+DECOYS_KEPT = 64
 
 
 def query_problem(row: dict, benchmark: str) -> Problem:
@@ -211,6 +262,7 @@ def outcome_summary(outcome: Outcome) -> dict[str, Any]:
         "final_graph": outcome.final_graph,
         "cost_usd": outcome.cost_usd,
         "calls": outcome.calls,
+        "tokens": outcome.tokens,
         "failed": outcome.failed,
     }
 
