@@ -105,9 +105,18 @@ class EmbeddedServer:
         self.stop()
 
 
-def start(port: int | None = None, n_ctx: int = 4096, threads: int | None = None,
+DEFAULT_THREADS = 1
+
+
+def start(port: int | None = None, n_ctx: int = 4096, threads: int = DEFAULT_THREADS,
           parallel: int = 1, timeout: float = 120.0, log_path: str | None = None) -> EmbeddedServer:
-    """Start the server on 127.0.0.1 and return once it answers /v1/models."""
+    """Start the server on 127.0.0.1 and return once it answers /v1/models.
+
+    One llama.cpp thread by default: for a 135M model the threads' synchronisation costs more than
+    it buys, and when another process keeps a core busy (the trainer, a second server) the threads
+    spin waiting for each other. On 2 cores (bench/embedded_threads.py): 1 thread 1.7-2.0 s per
+    96-token answer alone and 1.8-2.0 s next to a busy torch process; 2 threads 2.8-3.1 s alone and
+    4-60 s next to it."""
     if port:
         check_port_free(port)
     try:
@@ -123,7 +132,7 @@ def start(port: int | None = None, n_ctx: int = 4096, threads: int | None = None
         sys.executable, "-c", _TIED_TO_PARENT, str(os.getpid()), "llama_cpp.server",
         "--model", str(model), "--model_alias", MODEL_NAME,
         "--host", "127.0.0.1", "--port", str(port),
-        "--n_ctx", str(n_ctx), "--n_threads", str(threads or max(1, os.cpu_count() or 1)),
+        "--n_ctx", str(n_ctx), "--n_threads", str(max(1, threads)),
         "--verbose", "False",
     ]
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
