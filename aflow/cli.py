@@ -77,6 +77,11 @@ def _add_endpoint_args(parser: argparse.ArgumentParser, role: str) -> None:
                         help="variable holding the key (default: inferred from the host; none for local servers)")
 
 
+def _add_executor_max_tokens(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor-max-tokens", type=positive_int, default=LLMConfig.max_tokens,
+                        help=f"cap of each executor answer, in tokens (default {LLMConfig.max_tokens})")
+
+
 def loggers(text: str) -> tuple[str, ...]:
     try:
         return parse_loggers(text)
@@ -119,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", default=None, help="AFlow JSONL directory (default: $AFLOW_DATA_DIR)")
     _add_scoring_arg(ev)
     _add_endpoint_args(ev, "executor")
+    _add_executor_max_tokens(ev)
     ev.add_argument("--no-cache", action="store_true", help="do not read or write the response cache")
     ev.add_argument("--cache-path", default=None)
     ev.add_argument("--out", default=None, help="directory for results.jsonl and summary.json")
@@ -146,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_scoring_arg(op)
     _add_endpoint_args(op, "optimizer")
     _add_endpoint_args(op, "executor")
+    _add_executor_max_tokens(op)
     op.add_argument("--value-provider", choices=("none", "empirical", "model"), default="none")
     op.add_argument("--value-weight", type=float, default=0.0)
     op.add_argument("--value-base-url", default=None, help="endpoint of the model value (default: the optimizer's)")
@@ -238,7 +245,7 @@ def run_config(args: argparse.Namespace) -> dict:
 
 
 def executor_config(args: argparse.Namespace) -> LLMConfig:
-    return endpoint_config(args, "executor")
+    return endpoint_config(args, "executor", max_tokens=getattr(args, "executor_max_tokens", LLMConfig.max_tokens))
 
 
 def endpoint_config(args: argparse.Namespace, role: str, **overrides) -> LLMConfig:
@@ -415,7 +422,7 @@ OPTIMIZER_DEFAULTS = {"temperature": 0.7, "max_tokens": 1024}
 def search_endpoints(args: argparse.Namespace):
     """(executor, optimizer) configs. Neither given: the embedded server is both; only the
     executor given: it optimizes too; only the optimizer given: the embedded one executes."""
-    executor = endpoint_config(args, "executor")
+    executor = executor_config(args)
     max_tokens = getattr(args, "optimizer_max_tokens", None) or OPTIMIZER_DEFAULTS["max_tokens"]
     optimizer = endpoint_config(args, "optimizer", **{**OPTIMIZER_DEFAULTS, "max_tokens": max_tokens})
     for config, role in ((executor, "executor"), (optimizer, "optimizer")):

@@ -19,6 +19,7 @@ from aflow.operators import OPERATOR_NAMES, CallPolicy, OperatorContext
 from aflow.sandbox import WORKFLOW_LIMITS, Limits, Sandbox
 from aflow.workflows import GOLD, WorkflowCheckError, WorkflowCode, load_workflow
 
+MAX_OUTPUT_DEPTH = 64  # nesting of a workflow's output (lists, dicts) kept, scored and written
 INPUT_CHARS_KEPT = 2000
 EXPECTED_CHARS_KEPT = 4000  # the reference answer (and a code benchmark's tests) kept in each record
 
@@ -90,6 +91,9 @@ async def run_problem(bench: Benchmark, problem: Problem, workflow: WorkflowCode
                 error = "the workflow returned None"
             if ctx.over_budget:  # whatever the workflow made of the refusal, the run spent too much
                 output, error = None, ctx.over_budget
+            if error is None and nesting(output, MAX_OUTPUT_DEPTH) > MAX_OUTPUT_DEPTH:
+                # str(), asdict() and json.dumps() of it would recurse past Python's limit: a crash, not a score
+                output, error = None, f"the workflow's output is nested more than {MAX_OUTPUT_DEPTH} levels deep"
     score, reason = (0.0, None)
     if error is None:
         score, reason = await bench.score(problem, output, sandbox=sandbox, scoring=scoring)
@@ -102,6 +106,20 @@ async def run_problem(bench: Benchmark, problem: Problem, workflow: WorkflowCode
         expected=_cut(problem.gold), tests=_cut(problem.reference.get("test")) if bench.is_code else None,
     )
     return record, isolation
+
+
+def nesting(value: Any, limit: int) -> int:
+    """How deep lists, tuples and dicts nest in `value`, counted without recursion up to limit + 1."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, tuple, dict)):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > limit:
+                return deepest
+            stack.extend((child, depth) for child in (item.values() if isinstance(item, dict) else item))
+    return deepest
 
 
 def _cut(value: Any) -> str | None:

@@ -150,17 +150,21 @@ class LLMClient:
             })
         return completion
 
+    def _delay(self, attempt: int, last: BaseException | None) -> float:
+        """Seconds before retry `attempt` (1, 2, ...): exponential with jitter, or what the server asked."""
+        delay = min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1))
+        delay *= random.uniform(0.5, 1.5)
+        hinted = _retry_after(last)
+        if hinted is not None:  # the server said when to come back (429/503)
+            delay = min(self.config.backoff_max, max(delay, hinted))
+        return delay
+
     async def _send(self, messages: list[dict], params: dict, usage: Usage | None) -> Completion:
         trackers = [u for u in (self.usage, usage) if u is not None]
         last: BaseException | None = None
         for attempt in range(self.config.max_retries + 1):
             if attempt:
-                delay = min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1))
-                delay *= random.uniform(0.5, 1.5)
-                hinted = _retry_after(last)
-                if hinted is not None:  # the server said when to come back (429/503)
-                    delay = min(self.config.backoff_max, max(delay, hinted))
-                await asyncio.sleep(delay)
+                await asyncio.sleep(self._delay(attempt, last))
                 for u in trackers:
                     u.retries += 1
             try:
@@ -217,15 +221,18 @@ class LLMClient:
 
     async def _check_chat(self, role: str) -> None:
         """One real chat completion (1 token, never cached, not counted in `usage`). Transient
-        failures (429, 500, 502-504, timeouts) are retried a few times; anything else, or a reply
-        that is not a chat completion, is a set-up error."""
+        failures (429, 5xx, timeouts, dropped connections, a body that is not JSON) are retried as
+        every request is (max_retries, exponential backoff, Retry-After honoured): a rate-limited API
+        at start-up is not a broken one. Anything else, or a reply that is not a chat completion, is a
+        set-up error at once; after the last try, the error names the first and the last failure."""
         where = f"{role} {self.config.base_url} (model {self.config.model})"
         client = self._client.with_options(timeout=min(self.config.timeout, 30))
+        first: BaseException | None = None
         last: BaseException | None = None
-        tries = min(self.config.max_retries, 2) + 1
+        tries = self.config.max_retries + 1
         for attempt in range(tries):
             if attempt:
-                await asyncio.sleep(min(self.config.backoff_max, self.config.backoff_base * 2 ** (attempt - 1)))
+                await asyncio.sleep(self._delay(attempt, last))
             try:
                 response = await client.chat.completions.create(
                     model=self.config.model, messages=[{"role": "user", "content": "Reply with OK."}],
@@ -235,14 +242,14 @@ class LLMClient:
                     raise ExecutorError(
                         f"{where} rejected the API key from {self.config.key_env() or 'no variable (none sent)'}: "
                         f"{' '.join(describe(exc).split())}") from exc
-                if exc.status_code in (429, 500, 502, 503, 504):
-                    last = exc
-                    continue
-                hint = " - is it an OpenAI-compatible base URL ending in /v1?" if exc.status_code in (404, 405, 501) else ""
-                raise ExecutorError(f"{where} refused a test chat completion: "
-                                    f"{' '.join(describe(exc).split())}{hint}") from exc
+                if not (exc.status_code in (408, 425, 429) or (exc.status_code >= 500 and exc.status_code != 501)):
+                    hint = " - is it an OpenAI-compatible base URL ending in /v1?" if exc.status_code in (404, 405, 501) else ""
+                    raise ExecutorError(f"{where} refused a test chat completion: "
+                                        f"{' '.join(describe(exc).split())}{hint}") from exc
+                first, last = first or exc, exc
+                continue
             except Exception as exc:  # timeouts, dropped connections, a body that is not JSON
-                last = exc
+                first, last = first or exc, exc
                 continue
             try:
                 if not isinstance(response.choices[0].message.content, (str, type(None))):
@@ -251,9 +258,9 @@ class LLMClient:
                 raise ExecutorError(f"{where} answered a test chat completion with something else than a "
                                     "chat completion - is it an OpenAI-compatible base URL ending in /v1?") from exc
             return
-        assert last is not None
-        raise ExecutorError(f"{where} failed a test chat completion {tries} times: "
-                            f"{' '.join(describe(last).split())}") from last
+        assert first is not None and last is not None
+        raise ExecutorError(f"{where} failed a test chat completion {tries} times (first: "
+                            f"{' '.join(describe(first).split())}; last: {' '.join(describe(last).split())})") from last
 
 
 class LLMCallError(RuntimeError):

@@ -4,10 +4,11 @@
 
 With the embedded SmolLM2-135M executor, measures a few fixed canvases on the first `--problems`
 problems of the benchmark's validate split, one problem at a time as query mode does (the
-counterfactual replays the replies of the problem measured before), and prints per canvas: the
-mean raw score (what the answers scored), the mean credit (what the environment pays), the share of
-problems that scored but earned nothing (answers that came out the same without this problem's
-replies), and the executor calls. The ensemble rows show what independent samples change.
+counterfactual replays the replies of the problem measured before), and prints per canvas: the mean
+AFlow score of the outputs (`aflow` F1 on QA), their mean `reward`-variant score (raw), the mean credit
+(what the environment pays: raw less what the output scores without this problem's replies), how many
+problems scored above 0 under each, and the executor calls. The ensemble row shows what independent
+samples change.
 """
 
 from __future__ import annotations
@@ -46,18 +47,19 @@ async def measure_all(benchmark: str, problems: int, data_dir) -> list[dict]:
                 canvas = cv.replay(cv.initial(bench.is_code), edits)
                 graph, prompt = cv.compile_canvas(canvas, bench.is_code)
                 workflow = from_source(graph, prompt, name=name)
-                raw, credit, calls, decoys = [], [], 0, []
+                aflow, raw, credit, calls, decoys = [], [], [], 0, []
                 started = time.monotonic()
                 for problem in rows:
                     scored, transcripts = await measure(workflow, [problem], meter, decoys=decoys[-1:])
+                    aflow.append((await bench.score(problem, scored.output, sandbox=sandbox, scoring="aflow"))[0])
                     raw.append(scored.raw)
                     credit.append(scored.score)
                     calls += scored.calls
                     decoys.extend(t for t in transcripts if t)
-                lost = sum(1 for r, c in zip(raw, credit, strict=True) if r > 0 and c == 0)
-                report.append({"canvas": name, "raw": statistics.fmean(raw), "credit": statistics.fmean(credit),
-                               "scored": sum(r > 0 for r in raw), "lost": lost, "calls": calls,
-                               "seconds": time.monotonic() - started})
+                report.append({"canvas": name, "aflow": statistics.fmean(aflow), "raw": statistics.fmean(raw),
+                               "credit": statistics.fmean(credit), "aflow>0": sum(a > 0 for a in aflow),
+                               "raw>0": sum(r > 0 for r in raw), "credit>0": sum(c > 0 for c in credit),
+                               "calls": calls, "seconds": time.monotonic() - started})
         await llm.close()
     return report
 
@@ -71,10 +73,11 @@ def main() -> None:
     args = parser.parse_args()
     report = asyncio.run(measure_all(args.benchmark, args.problems, resolve_data_dir(None)))
     print(f"{args.benchmark}, {args.problems} problems, SmolLM2-135M executor (embedded)")
-    print(f"{'canvas':<18}{'raw':>8}{'credit':>8}{'scored':>8}{'lost':>6}{'calls':>7}{'s':>7}")
+    print(f"{'canvas':<18}{'aflow':>7}{'raw':>7}{'credit':>7}{'aflow>0':>8}{'raw>0':>7}{'credit>0':>9}"
+          f"{'calls':>7}{'s':>6}")
     for row in report:
-        print(f"{row['canvas']:<18}{row['raw']:>8.3f}{row['credit']:>8.3f}{row['scored']:>8}{row['lost']:>6}"
-              f"{row['calls']:>7}{row['seconds']:>7.0f}")
+        print(f"{row['canvas']:<18}{row['aflow']:>7.3f}{row['raw']:>7.3f}{row['credit']:>7.3f}{row['aflow>0']:>8}"
+              f"{row['raw>0']:>7}{row['credit>0']:>9}{row['calls']:>7}{row['seconds']:>6.0f}")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aflow.benchmarks import BENCHMARKS, SPLITS, DataError, Problem, get_benchmark, resolve_data_dir
+from aflow.benchmarks.weak_tests import is_weak
 from agent_system.config import ACTION_SPACES
 from data_prep import hub
 from data_prep.aflow_splits import normalize_text
@@ -156,6 +157,12 @@ def query_rows(loaded: dict[str, Loaded], gsm8k_train: list[Problem] | None, not
         seen: set[str] = set()
         leaked: list[str] = []
         duplicates: list[str] = []
+        weak = [p.id for p, _, _ in candidates if is_weak(name, p.id)] + [p.id for p in test if is_weak(name, p.id)]
+        if weak:  # a reward cannot tell an answer from a lookup table of the examples (aflow.benchmarks.weak_tests)
+            notes.append(f"{name}: left out {len(weak)} problem(s) whose hidden tests are no stronger than their "
+                         f"visible examples: {_some(weak)}")
+            candidates = [c for c in candidates if not is_weak(name, c[0].id)]
+            test = [p for p in test if not is_weak(name, p.id)]
         for problem, split, source in candidates:
             text = normalize_text(problem.inputs["problem"])
             if text in test_text:

@@ -90,8 +90,28 @@ def test_a_server_failing_every_chat_is_a_setup_error(tmp_path, gsm8k):
         result = run(tmp_path, command(gsm8k.parent, "--benchmark", "gsm8k", "--limit", "2", "--no-cache",
                                        base_url=fake.base_url))
         count = fake.count
-    one_line_error(result, "failed a test chat completion 3 times", "HTTP 500")
-    assert count == 3  # the probe's tries, and no problem was run
+    one_line_error(result, "failed a test chat completion 5 times (first: HTTP 500", "; last: HTTP 500")
+    assert count == 5  # the probe's tries (the client's 4 retries), and no problem was run
+
+
+def test_a_rate_limited_api_at_start_up_is_waited_for_not_refused(tmp_path, gsm8k):
+    """429s (with Retry-After: 0), a 503 and a dropped connection before the first answer: transient, so
+    the probe keeps trying with the client's own backoff, and the run goes ahead."""
+    with FakeOpenAI() as fake:
+        fake.add_faults(["429", "429", "500", "bad_json"])
+        result = run(tmp_path, command(gsm8k.parent, "--benchmark", "gsm8k", "--limit", "1", "--no-cache",
+                                       "--json", base_url=fake.base_url))
+        faults = [r.fault for r in fake.chat_requests[:5]]
+    assert result.returncode == 0, result.stderr
+    assert faults == ["429", "429", "500", "bad_json", None]
+
+
+def test_start_up_errors_name_the_first_and_the_last_failure(tmp_path, gsm8k):
+    with FakeOpenAI(default_fault="500") as fake:
+        fake.add_faults(["429"])
+        result = run(tmp_path, command(gsm8k.parent, "--benchmark", "gsm8k", "--limit", "1", "--no-cache",
+                                       base_url=fake.base_url))
+    one_line_error(result, "5 times (first: HTTP 429", "last: HTTP 500")
 
 
 # ---- 3. invalid numbers: one line, exit 2, nothing started --------------------------------

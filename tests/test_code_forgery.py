@@ -506,3 +506,29 @@ def test_assert_shapes_are_the_ones_the_readme_counts(data_dir):
         literal = sum(_literal_equality(node, entry) for node, entry in asserts)
         counts[name] = (literal, len(asserts) - literal)
     assert counts == {"humaneval": (1059, 122), "mbpp": (1245, 79)}
+
+
+# ---- problems whose hidden tests are no stronger than their visible examples (issue 21) -------------
+
+def test_a_lookup_table_of_the_visible_examples_passes_humaneval_34_under_aflow_and_earns_nothing_as_a_reward():
+    from aflow.benchmarks.weak_tests import REASON, lookup_table, visible_examples
+
+    problem = humaneval_problem(34)
+    examples = visible_examples(problem.inputs["problem"], "unique", [])
+    table = lookup_table("unique", examples)
+    bench = get_benchmark("humaneval")
+
+    async def go(answer, scoring):
+        return await bench.score(problem, answer, sandbox=Sandbox(use_zygote=False), scoring=scoring)
+
+    assert examples == [("([5, 3, 5, 2, 3, 3, 9, 0, 123],)", [0, 2, 3, 5, 9, 123])]
+    assert asyncio.run(go(table, "aflow")) == (1.0, None)  # AFlow's rule: the table passes
+    assert asyncio.run(go(table, "reward")) == (0.0, REASON)
+    assert asyncio.run(go(problem.gold, "reward")) == (0.0, REASON)  # nothing can be told apart from a table
+
+
+def test_the_weak_list_is_the_scan_of_both_code_benchmarks(data_dir):
+    """The committed list is what the scan finds now: a table of the visible examples passes exactly those."""
+    from aflow.benchmarks.weak_tests import WEAK, scan
+
+    assert {name: frozenset(ids) for name, ids in asyncio.run(scan(data_dir)).items()} == WEAK

@@ -60,6 +60,7 @@ def aflow_cli(*args, timeout=600):
 def test_evaluate_against_the_embedded_executor(tmp_path, data_dir):
     """No executor given: `aflow evaluate` starts SmolLM2 on llama.cpp, runs, stops it; a rerun is all cache."""
     common = ["evaluate", "--benchmark", "gsm8k", "--split", "test", "--workflow", "builtin:cot", "--limit", "3",
+              "--executor-max-tokens", "64",  # what the assertions need, not SmolLM2 rambling for 512 tokens
               "--data-dir", str(data_dir), "--cache-path", str(tmp_path / "cache.sqlite"), "--json"]
     first = aflow_cli(*common, "--out", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr[-2000:]

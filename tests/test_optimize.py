@@ -184,7 +184,7 @@ def test_two_rounds_with_the_embedded_model_write_the_whole_workspace(tmp_path, 
                           "--workspace", str(workspace), "--rounds", "2", "--validation-rounds", "1",
                           "--limit", "2", "--data-dir", str(data_dir), "--max-retries", "1",
                           # a workflow in far fewer than 1,024 tokens, or none: SmolLM2 on a shared CPU
-                          "--optimizer-max-tokens", "256",
+                          "--optimizer-max-tokens", "256", "--executor-max-tokens", "64",
                           "--cache-path", str(tmp_path / "c.sqlite"), "--json"],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -207,15 +207,15 @@ def test_two_rounds_with_the_embedded_model_write_the_whole_workspace(tmp_path, 
         assert round_2["reasons"] == [e["reason"] for e in attempts]
 
 
-def test_optimizer_max_tokens_caps_only_the_optimizers_answers(tmp_path, data_dir):
+def test_optimizer_and_executor_max_tokens_cap_each_roles_answers(tmp_path, data_dir):
     with FakeOpenAI(reply=scripted_reply()) as server:
         run = subprocess.run(optimize(tmp_path / "ws", server, "--rounds", "2", "--optimizer-max-tokens", "77",
-                                      data_dir=data_dir), capture_output=True, text=True, timeout=300)
+                                      "--executor-max-tokens", "33", data_dir=data_dir),
+                             capture_output=True, text=True, timeout=300)
         bodies = [r.body for r in server.chat_requests if r.body.get("max_tokens", 0) > 1]  # not the 1-token probes
     assert run.returncode == 0, run.stderr[-2000:]
     by_model = {model: {b["max_tokens"] for b in bodies if b["model"] == model} for model in ("opt", "exe")}
-    assert by_model["opt"] == {77}
-    assert by_model["exe"] and 77 not in by_model["exe"]
+    assert by_model == {"opt": {77}, "exe": {33}}
 
 
 def test_search_stops_when_the_top_scores_converge(tmp_path, data_dir):

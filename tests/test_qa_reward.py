@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
+import statistics
 import subprocess
 import sys
 
@@ -50,7 +52,9 @@ HEDGES = [
     ("hotpotqa", OLYMPICS, ["Paris"], "Paris, London, Athens", "London", "stuffed"),
     ("hotpotqa", OLYMPICS, ["Paris"], "Paris London Athens Berlin Rome", "London", "stuffed"),
     ("hotpotqa", OLYMPICS, ["Paris"], "Paris qwerty zxcvb asdfg", "London", "stuffed"),
-    ("drop", "How many yards was the longest field goal?", ["52"], "52 48 45 37", "48", "stuffed"),
+    ("drop", "How many yards was the longest field goal?", ["52"], "52 48 45 37", "48", "hedged: offers more numbers"),
+    ("drop", "How many yards was the longest field goal?", ["52"], "52 48", "48", "hedged: offers more numbers"),
+    ("drop", "How many yards was the longest field goal?", ["52"], "48 or 52 yards", "48", "hedged"),
     ("hotpotqa", OLYMPICS, ["Paris"], "Paris | London", "London", "hedged: offers alternatives (|)"),
     ("hotpotqa", OLYMPICS, ["Paris"], "Paris or London", "London", "hedged: offers alternatives (or)"),
     ("hotpotqa", OLYMPICS, ["Paris"], "Paris/London", "London", "hedged: offers alternatives (/)"),
@@ -88,6 +92,8 @@ AFLOW_F1 = {
     "Paris London Athens Berlin Rome": 1 / 3,  # c=1, p=5
     "Paris qwerty zxcvb asdfg": 2 / 5,  # c=1, p=4
     "52 48 45 37": 2 / 5,  # DROP's best part of "|": there is only one part
+    "52 48": 2 / 3,
+    "48 or 52 yards": 2 / 5,  # c=1, p=4
     "Paris | London": 2 / 3,
     "Paris or London": 1 / 2,
     "Paris/London": 0.0,
@@ -126,12 +132,8 @@ def test_under_aflow_hedging_pays_which_is_why_rewards_use_the_gate():
     ("drop", "Where were more people born?", ["the United Kingdom"], "United Kingdom", 1.0),
     ("drop", AGES, ["65 years of age or older"], "65 years of age or older", 1.0),
     ("hotpotqa", "What band did AC/DC tour with?", ["AC/DC"], "AC/DC", 1.0),
-    # partial credit is kept for honest answers: a near miss, a verbose one-sentence restatement
+    # an honest near miss whose words are not the question's keeps its partial credit
     ("hotpotqa", "Where is the Empire State Building?", ["New York"], "New York City", 0.8),
-    ("hotpotqa", OLYMPICS, ["Paris"], "The 1900 Summer Olympics were hosted by Paris.", 0.25),
-    ("drop", "How many years did the Yamethin rebellion last?", ["20"], "The Yamethin rebellion lasted 20 years",
-     1 / 3),
-    ("drop", AGES, ["65 years of age or older"], "those 65 years of age or older", 12 / 13),
     ("hotpotqa", OLYMPICS, ["Paris"], "London", 0.0),
 ])
 def test_honest_answers_score_the_same_under_both_variants(benchmark, question, answers, output, expected):
@@ -139,6 +141,27 @@ def test_honest_answers_score_the_same_under_both_variants(benchmark, question, 
     for scoring in ("aflow", "reward"):
         value, why = score(benchmark, p, output, scoring)
         assert value == pytest.approx(expected) and why is None, (scoring, why)
+
+
+# (question, references, an honest answer that repeats the question's words, AFlow's F1, the reward's answer-token
+# F1), by hand. Reward: tokens of the question are dropped from both sides, then F1 = 2c / (p + r).
+RESTATEMENTS = [
+    # answer tokens 1900 summer olympics were hosted by paris; not in the question: were, by, paris (p=3, r=1, c=1)
+    (OLYMPICS, ["Paris"], "The 1900 Summer Olympics were hosted by Paris.", 1 / 4, 1 / 2),
+    # yamethin rebellion lasted 20 years; not in the question: lasted, 20 (p=2, r=1, c=1)
+    ("How many years did the Yamethin rebellion last?", ["20"], "The Yamethin rebellion lasted 20 years", 1 / 3, 2 / 3),
+    # a choice question: the reference is all question words, so only exact match pays
+    (AGES, ["65 years of age or older"], "those 65 years of age or older", 12 / 13, 0.0),
+    (BANDS, ["Foo Fighters"], "Foo Fighters band", 4 / 5, 0.0),
+]
+
+
+@pytest.mark.parametrize("question,answers,output,aflow_f1,reward", RESTATEMENTS)
+def test_the_reward_pays_only_for_answer_words_the_question_does_not_contain(question, answers, output, aflow_f1,
+                                                                            reward):
+    p = problem("drop", question, answers)
+    assert score("drop", p, output, "aflow") == (pytest.approx(aflow_f1), None)
+    assert score("drop", p, output, "reward") == (pytest.approx(reward), None)
 
 
 def test_stuffing_thresholds():
@@ -339,3 +362,104 @@ def test_optimize_scores_and_records_with_its_variant(tmp_path, data_dir):
         again = run(tmp_path / "reward", "aflow", "--resume")
     assert scores["reward"] == 0.0 < scores["aflow"]
     assert again.returncode == 2 and "scoring" in again.stderr
+
+
+# ---- answers that choose nothing, generated over the whole validate splits ---------------------------
+
+_WORD = re.compile(r"[A-Za-z0-9][\w'.-]*[A-Za-z0-9]|[A-Za-z0-9]")
+_QUESTION_WORDS = {"Which", "Who", "What", "When", "Where", "Why", "How", "Is", "Are", "Was", "Were", "Did", "Do",
+                   "Does", "In", "The", "A", "An", "Between", "Of"}
+
+
+def _words(question: str) -> list[str]:
+    return _WORD.findall(question)
+
+
+def question_word_answers(question: str) -> list[str]:
+    """Family 1: answers assembled from the question's own names and numbers (more than one word, so
+    that no variant is simply one option of a choice)."""
+    words = _words(question)
+    caps = [w for w in words if w[0].isupper() and w not in _QUESTION_WORDS]
+    numbers = [w for w in words if any(ch.isdigit() for ch in w)]
+    content = [w for w in words if w.lower() not in qa.STOPWORDS]
+    variants = [" ".join(caps), " ".join(numbers), " ".join(caps + numbers), " ".join(content), question,
+                " ".join(content[-4:]), " ".join(caps[:3])]
+    return [v for v in variants if len(v.split()) > 1]
+
+
+def _alternative_pieces(question: str) -> list[list[str]]:
+    """The words of each side of the first "X or Y" of the question (up to 4 words each side)."""
+    match = re.search(r"([^,?;:]+?)\s*,?\s+or\s+([^,?;:]+)", question)
+    if not match:
+        return []
+    left, right = _words(match.group(1))[-4:], _words(match.group(2))[:4]
+    return [left, right] if left and right else []
+
+
+def covering_answers(question: str) -> list[str]:
+    """Family 2: the words of every alternative of an "X or Y" question, naming at most one of the
+    words that identify an alternative."""
+    pieces = _alternative_pieces(question)
+    cores = set(qa.alternatives(question))
+    if not pieces or not cores:
+        return []
+    every = [w for piece in pieces for w in piece]
+    unnamed = [w for w in every if w.lower() not in cores]
+    variants = [" ".join(unnamed)] + [" ".join(w for w in every if w.lower() not in cores - {core})
+                                      for core in sorted(cores)]
+    # covering: words of every alternative (a variant that is one alternative alone is a choice, not a hedge)
+    return [v for v in variants
+            if all(set(v.split()) & {w for w in piece if w.lower() not in qa.STOPWORDS} for piece in pieces)]
+
+
+_COMPARISON = re.compile(r"(?:which|who|what) of ([^,?]+?) and ([^,?]+?)(?:\s|\?|,)|between ([^,?]+?) and ([^,?]+?)"
+                         r"(?:,|\?|\s(?:is|was|has|had|did))|([A-Z][^,?]*?) (?:vs\.?|versus) ([^,?]+)", re.IGNORECASE)
+
+
+def comparison_answers(question: str) -> list[str]:
+    """Family 3: both options of a comparison that is not written with "or"."""
+    match = _COMPARISON.search(question)
+    if not match:
+        return []
+    x, y = [g.strip() for g in match.groups() if g][:2]
+    return [f"{x} {y}", f"{x} and {y}", f"both {x} and {y}", f"{x}, {y}", f"{y} {x}"]
+
+
+def _reward(benchmark: str, p: Problem, output: str) -> float:
+    return asyncio.run(get_benchmark(benchmark).score(p, output, scoring="reward"))[0]
+
+
+def _old_reward(p: Problem, output: str) -> float:
+    """The rule this replaced: the hedge gate, then the plain best-reference F1."""
+    return 0.0 if qa.gate(p, output) else qa.max_f1(output, p.reference["answers"])
+
+
+@pytest.fixture(scope="module")
+def validate_qa(data_dir):
+    return [(b, p) for b in ("hotpotqa", "drop") for p in get_benchmark(b).load("validate", data_dir)]
+
+
+def _honest_wrong_mean(problems) -> float:
+    """An honest wrong answer: the first reference of the next problem of the same benchmark."""
+    values = []
+    for i, (benchmark, p) in enumerate(problems):
+        other = next(q for b, q in problems[i + 1:] + problems[:i + 1] if b == benchmark and q is not p)
+        values.append(_reward(benchmark, p, other.reference["answers"][0]))
+    return statistics.fmean(values)
+
+
+@pytest.mark.parametrize("family,make,minimum", [
+    ("the question's own words", question_word_answers, 300),
+    ("every alternative, at most one named", covering_answers, 20),
+    ("both options of a comparison without 'or'", comparison_answers, 5),
+])
+def test_answers_that_choose_nothing_earn_no_more_than_an_honest_wrong_answer(validate_qa, family, make, minimum):
+    hostile, old = [], []
+    for benchmark, p in validate_qa:
+        for answer in make(qa.question_of(p.inputs["problem"])):
+            hostile.append(_reward(benchmark, p, answer))
+            old.append(_old_reward(p, answer))
+    assert len(hostile) >= minimum, (family, len(hostile))
+    assert statistics.fmean(hostile) <= _honest_wrong_mean(validate_qa), family
+    if family == "the question's own words":  # what the old rule paid for it
+        assert statistics.fmean(old) > 4 * _honest_wrong_mean(validate_qa)

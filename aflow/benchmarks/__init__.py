@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from aflow.benchmarks import code_check, qa, scoring
+from aflow.benchmarks import code_check, qa, scoring, weak_tests
 from aflow.sandbox import CODE_LIMITS, Limits, Sandbox
 
 SPLITS = ("validate", "test")
@@ -104,6 +104,8 @@ class Benchmark:
             raise ValueError(f"unknown scoring variant '{scoring}' (choose from: {', '.join(SCORING_VARIANTS)})")
         if output is None:
             return 0.0, "no output"
+        if scoring == "reward" and weak_tests.is_weak(self.name, problem.id):
+            return 0.0, weak_tests.REASON
         if self.is_code:
             return await self.score_fn(problem, str(output), limits, sandbox or Sandbox(use_zygote=False), scoring)
         result = self.score_fn(problem, str(output), scoring)

@@ -25,7 +25,8 @@ import secrets
 import sys
 from dataclasses import dataclass
 
-from aflow.benchmarks.sanitize import SanitizeError, sanitize
+from aflow.benchmarks import offload
+from aflow.benchmarks.sanitize import sanitize_if_cheap, sanitized
 from aflow.sandbox import CODE_LIMITS, Limits, Sandbox, SandboxResult, SessionError
 
 RAN_HOOK = "__aflow_ran__"
@@ -121,14 +122,28 @@ def mbpp_task(reference: dict) -> CodeTask:
     return make_task(reference["test"], reference["entry_point"], preamble, pass_candidate=False)
 
 
+SANITIZE_TIMEOUT_S = 10.0
+# Sanitising runs here, not in the event loop: one slow answer must not hold up the problems in flight.
+SANITIZE_POOL = offload.WorkerPool(name="sanitize", preload=("aflow.benchmarks.sanitize",), memory_mb=1024,
+                                   warmup=(sanitized, ("def f():\n    return 1\n", "f")))
+
+
 async def check_solution(task: CodeTask, answer: str, sandbox: Sandbox,
                          limits: Limits = CODE_LIMITS) -> tuple[float, str | None]:
-    """(1.0, None) when the answer's solution (sanitised as AFlow does) passes every test,
-    else (0.0, why). Bounded by the limits' wall clock as a whole."""
-    try:
-        solution = sanitize(answer, task.entry_point)
-    except SanitizeError as exc:
-        return 0.0, str(exc)
+    """(1.0, None) when the answer's solution (sanitised as AFlow does) passes every test, else (0.0,
+    why). Each step is bounded: sanitising, unless it is one parse, runs in a worker process for at most
+    SANITIZE_TIMEOUT_S; the check by the limits' wall clock."""
+    solution = sanitize_if_cheap(str(answer), task.entry_point)
+    if solution is None:
+        try:
+            solution, reason = await offload.run_bounded(sanitized, str(answer), task.entry_point,
+                                                         timeout=SANITIZE_TIMEOUT_S, pool=SANITIZE_POOL)
+        except offload.Timeout:
+            return 0.0, f"the answer took more than {SANITIZE_TIMEOUT_S:g}s to sanitise"
+        except offload.OffloadError as exc:
+            return 0.0, f"the answer could not be sanitised: {exc}"
+        if solution is None:
+            return 0.0, reason
     try:
         return await asyncio.wait_for(_check(task, solution, sandbox, limits), timeout=limits.wall_seconds)
     except asyncio.TimeoutError:

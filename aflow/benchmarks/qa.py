@@ -1,38 +1,41 @@
-"""Scoring of the QA benchmarks (HotpotQA, DROP): SQuAD token F1, and a hedge gate for rewards.
+"""Scoring of the QA benchmarks (HotpotQA, DROP): SQuAD token F1, and a stricter rule for rewards.
 
 `aflow` scoring is AFlow's: the best token F1 over the reference answers (SQuAD
-normalization). As a reward, F1 pays for hedging: "A B" for an "A or B?" question scores
-0.67 whatever the truth is, "yes no" scores 0.67 on every yes/no question, and listing
-several candidate spans keeps a share of the credit of whichever one is right, while an
-honest wrong answer scores 0. A policy trained on that score learns to hedge.
+normalization). As a reward, F1 pays for answers that do not choose anything: "A B" for an
+"A or B?" question scores 0.67 whatever the truth is, "yes no" 0.67 on every yes/no question,
+and an answer assembled from the question's own words (its names and numbers) shares words
+with most references. An honest wrong answer scores 0. A policy trained on that learns to hedge.
 
-`reward` scoring is the same F1, except that an answer which hedges scores 0, with a short
-reason (it can reach the policy's context, so it never quotes a reference):
+`reward` scoring, in order:
 
-* it says both "yes" and "no";
-* it offers alternatives: "or", "either", "|", "/", ";" or a line break;
-* it names more than one of the explicit alternatives of an "X or Y" question;
-* it is stuffed: it carries more content words found in neither the question nor any
-  reference than one stray word (a first name, a unit) plus one per four reference tokens,
-  or it is more than max(2R, R + 12) tokens long (R: the longest reference, in tokens).
+1. an answer equal to a reference after normalization scores 1.0 (every gold answer keeps
+   full marks, "AC/DC" included);
+2. the hedge gate (`hedge`) scores 0, with a short reason that never quotes a reference, an
+   answer that says both "yes" and "no"; offers alternatives ("or", "either", "|", "/", ";",
+   a line break); names more than one of an "X or Y" question's alternatives; carries more
+   numbers absent from the question than the longest reference has (a spray of candidate
+   numbers); or is stuffed (more content words found in neither the question nor a reference
+   than one stray word plus one per four reference tokens, or longer than max(2R, R + 12)
+   tokens, R the longest reference);
+3. otherwise the **answer-token F1** (`answer_f1`): token F1 counting only the tokens that are
+   not in the question, on both sides. Words taken from the question are not evidence of an
+   answer, so they earn nothing: an answer built from the question's words scores 0, and so
+   does any answer that names the options of a comparison, however it is phrased ("Which of X
+   and Y", "Between X and Y", "X vs Y", "X or Y"). Where a reference is made of the question's
+   words only (a choice between options it names), nothing is left to share: such questions
+   pay exact match only, the rule of verl's own QA reward (verl/utils/reward_score/qa_em.py).
 
-A form a reference itself uses is never held against an answer (a reference "two or more
-races" allows "or" and naming both "two" and "more"), an "or" quoted from the question
-("65 years of age or older") is judged by the alternatives it names, and an answer equal to a
-reference after normalization always scores 1.0, so every gold answer keeps full marks.
+What it keeps: an exact answer, however cased, punctuated or with "the", scores 1.0; an honest
+near miss keeps partial credit for the answer words it gets right ("new york city" for "new
+york": 0.8), and a one-sentence answer that restates the question around the answer is paid for
+its answer words only ("The Yamethin rebellion lasted 20 years" for "20": 0.67). What it costs:
+an honest near miss on a choice question ("those 65 years of age or older" for "65 years of age
+or older") scores 0, as under exact match, and so does a paraphrase whose words are all in the
+question. It cannot be manufactured from the question: the credit comes only from words the
+question does not contain, and the gate bounds how many of those an answer may carry.
 
-The RL environment's optional LLM judge may lift an F1 that misses a paraphrase, but this gate
-comes after it and is final (Episode._judged in agent_system): a judge can be talked into
-accepting a hedge that contains the right answer. The price: a paraphrase with two or more
-words found in neither the question nor a reference stays at 0 even when the judge accepts it.
-
-What the rule keeps: an exact answer, however cased, punctuated or with "the", scores 1.0;
-an honest near miss ("new york city" for "new york") keeps its partial F1; a verbose
-one-sentence answer that restates the question around the answer ("The Yamethin rebellion
-lasted 20 years") keeps its partial F1 (0.33 there, so a concise answer still pays three
-times as much). What it cannot tell apart from an honest near miss is one extra candidate
-word without any separator ("Paris London" for "Paris", the same shape as "Bob Smith" for
-"Smith"): it keeps F1 0.67 under both variants; adding a second one is stuffing.
+The RL environment's optional LLM judge may lift a lexical score that misses a paraphrase, but
+the gate comes after it and is final (Episode._judged in agent_system).
 """
 
 from __future__ import annotations
@@ -61,6 +64,21 @@ def f1(prediction: str, truth: str) -> float:
         return 0.0
     precision, recall = same / len(pred), same / len(gold)
     return 2 * precision * recall / (precision + recall)
+
+
+def answer_f1(prediction: str, answers: list[str], question: str) -> float:
+    """The best token F1 over the references, counting only tokens absent from the question (both
+    sides); 0 for a reference made of the question's words alone (exact match pays those)."""
+    asked = set(_tokens(question))
+    mine = [t for t in _tokens(prediction) if t not in asked]
+    best = 0.0
+    for answer in answers:
+        theirs = [t for t in _tokens(answer) if t not in asked]
+        same = sum((Counter(mine) & Counter(theirs)).values())
+        if theirs and same:
+            precision, recall = same / len(mine), same / len(theirs)
+            best = max(best, 2 * precision * recall / (precision + recall))
+    return best
 
 
 def max_f1(prediction: str, answers: list[str], split_parts: bool = False) -> float:
@@ -173,6 +191,10 @@ def _named(words: Iterable[str], cores: list[str]) -> int:
     return sum(core in present for core in set(cores))
 
 
+def _is_number(word: str) -> bool:
+    return any(ch.isdigit() for ch in word)
+
+
 def _stem(word: str) -> str:
     """Crude stem so a restatement's "lasted" matches the question's "last"; numbers stay exact."""
     return word if any(ch.isdigit() for ch in word) else word[:4]
@@ -209,6 +231,10 @@ def hedge(answer: str, references: list[str], question: str = "") -> str | None:
         named = _named(words, cores)
         if named >= 2 and named > max((_named(r, cores) for r in ref_words), default=0):
             return "hedged: names more than one of the question's alternatives"
+    asked = set(_tokens(question))
+    numbers = sum(1 for w in words if _is_number(w) and w not in asked)
+    if numbers > max((sum(1 for w in r if _is_number(w)) for r in ref_words), default=0):
+        return "hedged: offers more numbers than an answer has"
     longest = max((len(r) for r in ref_words), default=0)
     known = {_stem(w) for w in _tokens(question)} | {_stem(w) for r in ref_words for w in r}
     stray = sum(1 for w in words if w not in STOPWORDS and _stem(w) not in known)
@@ -233,8 +259,10 @@ def score(problem, output, scoring: str = "aflow", split_parts: bool = False) ->
     `split_parts` is DROP's best-part-of-`|` rule, AFlow's only: as a reward it is hedging."""
     answers = list(problem.reference.get("answers", []))
     if scoring == "reward":
+        if normalize_answer(output) in {normalize_answer(r) for r in answers if normalize_answer(r)}:
+            return 1.0, None
         reason = gate(problem, output)
         if reason is not None:
             return 0.0, reason
-        return max_f1(str(output), answers), None
+        return answer_f1(str(output), answers, question_of(problem.inputs.get("problem", ""))), None
     return max_f1(str(output), answers, split_parts), None

@@ -13,7 +13,12 @@ AFlow (`scripts/utils/sanitize.py`) scores HumanEval and MBPP answers after two 
 AFlow finds the run by parsing every pair of lines (cubic in the answer's length); this
 finds the same run with pruning (a pair that cannot beat the best so far is not parsed)
 and refuses answers of more than MAX_LINES lines, which AFlow would take minutes to read.
-Both steps only parse: nothing of the answer runs here.
+Both steps only parse: nothing of the answer runs here. They are still CPU work on untrusted
+text (a few hundred lines of unclosed brackets take seconds; a thousand nested operators make
+`ast.unparse` recurse past Python's limit), so scoring calls `sanitized` in a worker process,
+bounded in time and memory, off the event loop (`code_check.check_solution`). The one cheap case
+stays in the caller (`sanitize_if_cheap`): an answer of at most CHEAP_CHARS characters that parses as a
+whole is its own longest run, so sanitising it is one parse and one walk.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import warnings
 from aflow.parsing import PARSE_ERRORS
 
 MAX_LINES = 2000
+CHEAP_CHARS = 20_000
 
 
 class SanitizeError(ValueError):
@@ -106,3 +112,26 @@ def sanitize(text: str, entry_point: str | None) -> str:
                 stack.extend(uses[name])
         definitions = [(name, node) for name, node in definitions if name in reachable]
     return "\n".join(imports + [ast.unparse(node) for _, node in definitions])
+
+
+def sanitized(text: str, entry_point: str | None) -> list:
+    """`sanitize` for a worker process: [solution, None], or [None, why] when it cannot be read."""
+    try:
+        return [sanitize(text, entry_point), None]
+    except SanitizeError as exc:
+        return [None, str(exc)]
+    except (RecursionError, MemoryError):
+        return [None, "the answer is nested too deeply to read"]
+
+
+def sanitize_if_cheap(text: str, entry_point: str | None) -> str | None:
+    """`sanitize(text)` when it costs about one parse (the whole answer, at most CHEAP_CHARS characters,
+    parses: no search for a run), else None: the caller sends the answer to a worker (`sanitized`)."""
+    if len(text) > CHEAP_CHARS or len(text.split("\n")) > MAX_LINES:
+        return None
+    try:
+        if not _parses(text):
+            return None
+        return sanitize(text, entry_point)
+    except (RecursionError, MemoryError, SanitizeError):
+        return None

@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from aflow.benchmarks import Problem, get_benchmark, public_tests, resolve_data_dir
+from aflow.benchmarks.weak_tests import is_weak
 from aflow.config import LLMConfig
 from aflow.llm import LLMClient
 from aflow.sandbox import Sandbox
@@ -70,7 +71,10 @@ class TaskState:
         self.bench = get_benchmark(benchmark)
         self.split = split
         data_dir = resolve_data_dir(cfg.data_dir)
-        self.draws = Draws(self.bench.load(split, data_dir), cfg.eval_subset_size, cfg.feedback_size, cfg.seed)
+        problems = self.bench.load(split, data_dir)
+        if cfg.reward.scoring == "reward":  # no answer to these can earn a reward (aflow.benchmarks.weak_tests)
+            problems = [p for p in problems if not is_weak(self.bench.name, p.id)]
+        self.draws = Draws(problems, cfg.eval_subset_size, cfg.feedback_size, cfg.seed)
         tests = public_tests(self.bench.name, data_dir) if self.bench.is_code else {}
         self.meter = meter.bound(self.bench, tests, meter.sandbox)
         self.tree = Tree()
