@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve-executor", help="serve SmolLM2-135M over an OpenAI-compatible API on 127.0.0.1")
     serve.add_argument("--port", type=int, default=8848)
+
+    sub.add_parser("sandbox-check", help="print the isolation layers a sandboxed job gets on this node; exit 3 "
+                                         "when nothing keeps it from reading the node's files")
     return parser
 
 
@@ -405,6 +408,12 @@ def report_evaluation(args: argparse.Namespace, summary, out: Path | None) -> in
         print(f"aflow: interrupted: {summary.n} of {summary.planned} problems done{earlier}, score so far "
               f"{summary.score:.4f}; {kept}", file=sys.stderr, flush=True)
         return 130
+    from aflow.sandbox import missing_file_confinement
+
+    missing = missing_file_confinement(summary.isolation) if summary.isolation else []
+    if missing:  # the references were readable by the answers: say so next to the score
+        print(f"aflow: warning: the sandbox had no file confinement here ({' and '.join(missing)} missing; it got "
+              f"{', '.join(summary.isolation)}): answers could read this node's files", file=sys.stderr, flush=True)
     resumed = f" ({summary.resumed} carried over from the earlier run)" if summary.resumed else ""
     print(f"{s['benchmark']}/{s['split']} {s['workflow']}: score {s['score']:.4f} ({s['scoring']} scoring) "
           f"on {s['n']} problems{resumed}, {s['errors']} errors, {s['calls']} calls, "
@@ -635,6 +644,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0 if server.process.returncode in (0, -signal.SIGTERM) else 1
 
 
+def cmd_sandbox_check() -> int:
+    """What a cluster node gives the sandbox: run one job and print its layers (README, the sandbox)."""
+    from aflow.sandbox import isolation_report, missing_file_confinement
+
+    layers = asyncio.run(isolation_report())
+    missing = missing_file_confinement(layers)
+    verdict = (f"WEAK: nothing keeps a job from reading this node's files ({' and '.join(missing)} missing); "
+               "rewards computed here cannot be trusted" if missing else "ok: jobs cannot read this node's files")
+    print(f"sandbox layers: {', '.join(layers) or '(none reported)'}\n{verdict}", flush=True)
+    return 3 if missing else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -646,6 +667,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_optimize(args)
         if args.command == "data":
             return cmd_data(args)
+        if args.command == "sandbox-check":
+            return cmd_sandbox_check()
         return cmd_serve(args)
     except SETUP_ERRORS as exc:
         print(f"aflow: error: {exc}", file=sys.stderr)

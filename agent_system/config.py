@@ -73,6 +73,9 @@ class EnvConfig:
     # with seed k (both in the cache key): independent samples, not one cached answer k times
     sample_temperature: float = 0.7
     run_id: str | None = None  # names this run's experience records (default: one per worker process)
+    # Train even where the sandbox gets no file confinement (no private root, no Landlock): the answers
+    # could then read the references. Off: training refuses to start, naming the missing layers.
+    allow_weak_isolation: bool = False
     initial_workflow: str = "builtin:io"  # action_space "code" only
     max_action_chars: int = 20_000
     actor_timeout_s: float = 1800.0  # a reset may first score the initial workflow on the whole subset

@@ -190,6 +190,22 @@ def preflight_in_cluster(config: DictConfig) -> None:
         raise SystemExit(3)
 
 
+def check_isolation(config: DictConfig) -> None:
+    """Refuse to train where the sandbox cannot keep answers from reading this node's files (the env
+    workers check their own nodes again), unless env.allow_weak_isolation."""
+    if config.env.get("allow_weak_isolation", False):
+        return
+    import asyncio
+
+    from aflow.sandbox import isolation_report
+    from agent_system.environments.env_package.aflow.worker import WeakIsolation, refuse_weak_isolation
+
+    try:
+        refuse_weak_isolation(asyncio.run(isolation_report()))
+    except WeakIsolation as exc:
+        raise ConfigError(str(exc)) from None
+
+
 def run(config: DictConfig) -> None:
     """Validate, then train with verl's RayPPOTrainer."""
     from recipes.dry_run import validate
@@ -202,6 +218,7 @@ def run(config: DictConfig) -> None:
 
     auto_set_device(config)  # as verl's own main does: trainer.device=npu on Ascend
     validate(config)
+    check_isolation(config)
     preflight_in_cluster(config)
     run_ppo(config, task_runner_class=task_runner_class())
 

@@ -5,8 +5,10 @@ the layers each kind must report in `SandboxResult.isolation` (aflow/sandbox/chi
                  nothing of the host, read-only but the working directory;
   readonly-host  namespaces, but no private root (child.py knows no pivot_root here): the host's
                  mounts, all read-only but the working directory;
-  process-only   no namespaces (none here, or `Limits(namespaces=False)`): the guard, rlimits and
-                 dropped capabilities; the host's files are as open to the job as to the user.
+  process-only   no namespaces (none here, `Limits(namespaces=False)`, or AFLOW_SANDBOX_NAMESPACES=0):
+                 the job confines itself without privileges: Landlock (reads: the Python prefix
+                 without site-packages, the libraries; writes: its directory) and a seccomp filter,
+                 with the guard, rlimits and dropped capabilities.
 
 The mode comes from the machine (can a process unshare what the child asks for), so a sandbox
 that silently loses a layer fails its tests instead of moving them to a weaker mode's checks.
@@ -19,7 +21,7 @@ import os
 import subprocess
 import sys
 
-from aflow.sandbox import Limits
+from aflow.sandbox import NAMESPACES_ENV, Limits
 from aflow.sandbox.processes import PYTHON
 
 PRIVATE_ROOT, READONLY_HOST, PROCESS_ONLY = "private-root", "readonly-host", "process-only"
@@ -42,7 +44,8 @@ def namespaces_available() -> bool:
 @functools.cache
 def machine_mode() -> str:
     """The mode a sandbox run with the default `Limits` must get here."""
-    if not sys.platform.startswith("linux") or not namespaces_available():
+    if (not sys.platform.startswith("linux") or not namespaces_available()
+            or os.environ.get(NAMESPACES_ENV) == "0"):
         return PROCESS_ONLY
     from aflow.sandbox.child import SYS_PIVOT_ROOT  # the architectures child.py can pivot_root on
 
@@ -56,7 +59,21 @@ def expected_layers(mode: str, limits: Limits) -> list[str]:
     if mode != PROCESS_ONLY:
         layers += ([] if root else ["userns"]) + ["netns", "pidns"]
         layers += ["private-root" if mode == PRIVATE_ROOT else "private-root(failed)", "readonly-fs", "private-proc"]
-    return layers + ["no-capabilities", "rlimits", "guard"]
+    layers += ["no-capabilities", "rlimits"]
+    if mode != PRIVATE_ROOT:  # no private root: the unprivileged layers (aflow/sandbox/unprivileged.py)
+        layers += unprivileged_layers()
+    return layers + ["guard"]
+
+
+@functools.cache
+def unprivileged_layers() -> list[str]:
+    """What Landlock and seccomp give on this kernel and architecture, asked of the kernel directly."""
+    from aflow.sandbox import unprivileged
+
+    abi = unprivileged.landlock_abi()
+    machine = os.uname().machine
+    return [f"landlock(abi {abi})" if abi > 0 else "landlock(unavailable)",
+            "seccomp" if machine == "x86_64" else f"seccomp(unsupported on {machine})"]
 
 
 def reported(isolation: list[str]) -> list[str]:

@@ -25,7 +25,7 @@ import pytest
 
 import aflow
 from aflow.sandbox import Limits, Sandbox, SandboxResult
-from tests.isolation import PRIVATE_ROOT, PROCESS_ONLY, assert_isolation, machine_mode
+from tests.isolation import PRIVATE_ROOT, PROCESS_ONLY, assert_isolation, machine_mode, unprivileged_layers
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux-only")
 
@@ -57,7 +57,10 @@ def solve():
 # A private root hides the host; without one (the host's mounts made read-only, or no namespaces
 # at all) the job sees the host as this process does, and each test checks that instead of a skip.
 VIEW = machine_mode()
-PRIVATE = VIEW == PRIVATE_ROOT
+# Without a private root, Landlock (where the kernel has it) confines reads to the same list of paths:
+# what is hidden is hidden either way (FileNotFoundError there, PermissionError here).
+PRIVATE = VIEW == PRIVATE_ROOT or unprivileged_layers()[0].startswith("landlock(abi")
+LANDLOCKED = PRIVATE and VIEW != PRIVATE_ROOT  # the allowed paths only: no directory above them is listable
 
 
 @pytest.fixture(params=["zygote", "fresh"])
@@ -230,7 +233,11 @@ import glob, json, os
 
 
 def solve():
-    seen = {{"cwd": os.getcwd(), "tmp": sorted(os.listdir("/tmp")), "found": {{}}}}
+    try:
+        tmp = sorted(os.listdir("/tmp"))
+    except OSError as exc:
+        tmp = type(exc).__name__
+    seen = {{"cwd": os.getcwd(), "tmp": tmp, "found": {{}}}}
     for path in glob.glob("/tmp/*/{marker}") + glob.glob("/tmp/**/parent.txt", recursive=True):
         seen["found"][path] = open(path).read()
     for path in ({str(tmp_path)!r}, {tempfile.gettempdir()!r}):
@@ -264,7 +271,8 @@ def solve():
         assert secret in second.value
         return
     assert seen["found"] == {}
-    assert seen["tmp"] == [os.path.basename(seen["cwd"])]  # only its own working directory
+    # only its own working directory (a private root); nothing at all (Landlock: /tmp is not listable)
+    assert seen["tmp"] == ("PermissionError" if LANDLOCKED else [os.path.basename(seen["cwd"])])
     assert seen[str(tmp_path)] in HIDDEN
     assert secret not in second.value
 
@@ -279,7 +287,8 @@ def test_system_files_are_not_readable(mode):
         assert_host_view(read_paths(mode, ["/dev"]), ["/dev"])
         return
     assert_hidden(seen, paths, "root:x:0:0")
-    assert read_paths(mode, ["/dev"])["/dev"] == 'listed ["null", "random", "urandom", "zero"]'
+    devices = "PermissionError" if LANDLOCKED else 'listed ["null", "random", "urandom", "zero"]'
+    assert read_paths(mode, ["/dev"])["/dev"] == devices  # Landlock allows the four devices, not /dev itself
 
 
 # --------------------------------------------------------------------------- still works
@@ -338,7 +347,11 @@ from aflow_ops import Custom
 class Workflow:
     async def __call__(self, problem):
         replies = await asyncio.gather(*(Custom()(input=f"{problem} {i}") for i in range(3)))
-        return json.dumps({"replies": [r["response"] for r in replies], "root": sorted(os.listdir("/"))})
+        try:
+            root = sorted(os.listdir("/"))
+        except OSError as exc:
+            root = type(exc).__name__
+        return json.dumps({"replies": [r["response"] for r in replies], "root": root})
 """
 
     async def on_call(op, kwargs):
@@ -356,12 +369,15 @@ class Workflow:
     if not PRIVATE:  # the host's root
         assert value["root"] == sorted(os.listdir("/"))
         return
+    if LANDLOCKED:  # the root is not one of the allowed paths
+        assert value["root"] == "PermissionError"
+        return
     assert not {"etc", "home", "work", "sys", "var", "opt", "bin"} & set(value["root"])
     assert {"dev", "proc", "tmp", "usr"} <= set(value["root"])
 
 
 def test_only_the_working_directory_is_writable(mode, tmp_path):
-    # Without namespaces nothing stops a write: there it is tried only where it does no harm.
+    # Without namespaces only Landlock stops a write: there it is tried only where it does no harm.
     outside = (repr([str(tmp_path / "new.txt")]) if VIEW == PROCESS_ONLY
                else '("/new.txt", "/tmp/new.txt", "/dev/new", sys.prefix + "/new.txt")')
     code = """
@@ -385,6 +401,9 @@ def solve():
     assert result.ok, result.error
     outcome = json.loads(result.value)
     assert outcome.pop("workdir") == "kept"
+    if VIEW == PROCESS_ONLY and LANDLOCKED:  # Landlock: writes only in the working directory
+        assert outcome == {str(tmp_path / "new.txt"): "Permission denied"} and not (tmp_path / "new.txt").exists()
+        return
     if VIEW == PROCESS_ONLY:
         assert outcome == {str(tmp_path / "new.txt"): "written"} and (tmp_path / "new.txt").exists()
         return

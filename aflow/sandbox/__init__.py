@@ -17,7 +17,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +26,33 @@ from aflow.sandbox.processes import ChildProcess, Zygote, child_environment, spa
 PIDS_CGROUP = Path("/sys/fs/cgroup/pids/aflow-sandbox")
 
 __all__ = ["CODE_LIMITS", "WORKFLOW_LIMITS", "Limits", "Sandbox", "SandboxResult", "Session", "SessionError",
-           "child_environment",
+           "NAMESPACES_ENV", "child_environment", "isolation_report", "missing_file_confinement", "node_limits",
            "run_code", "run_job", "run_workflow"]
 
 OperatorHandler = Callable[[str, dict], Awaitable[Any]]
+
+# A node that refuses namespaces (a container), or one told to behave as such for a test run:
+# AFLOW_SANDBOX_NAMESPACES=0 makes every job confine itself without them (Landlock and seccomp).
+NAMESPACES_ENV = "AFLOW_SANDBOX_NAMESPACES"
+
+
+def node_limits(limits: Limits) -> Limits:
+    return replace(limits, namespaces=False) if os.environ.get(NAMESPACES_ENV) == "0" else limits
+
+
+def missing_file_confinement(isolation: list[str]) -> list[str]:
+    """The layers that would keep a job from reading the node's files, when none of them is there
+    (then a reward cannot be trusted: the references are files): [] when one is."""
+    if "private-root" in isolation or any(layer.startswith("landlock(abi") for layer in isolation):
+        return []
+    return ["private-root", "landlock"]
+
+
+async def isolation_report(limits: Limits | None = None) -> list[str]:
+    """The layers a job gets on this node (one trivial job, run as every job is)."""
+    async with Sandbox(use_zygote=False) as sandbox:
+        result = await sandbox.run_code("def probe():\n    return 1\n", "probe", limits or CODE_LIMITS)
+    return list(result.isolation)
 
 
 def _make_undumpable() -> None:
@@ -143,6 +166,7 @@ class Sandbox:
         """Run one job (see child.py for the protocol) and return what it reported."""
         started = time.monotonic()
         _make_undumpable()
+        limits = node_limits(limits)
         workdir = tempfile.mkdtemp(prefix="aflow-sbx-")
         job = {**job, "limits": asdict(limits)}
         child = await self._spawn(workdir, limits)
@@ -193,6 +217,7 @@ class Sandbox:
     async def session(self, job: dict, limits: Limits):
         """A long-lived sandbox process for `job` (see `Session`), confined like any job."""
         _make_undumpable()
+        limits = node_limits(limits)
         workdir = tempfile.mkdtemp(prefix="aflow-sbx-")
         session = Session(await self._spawn(workdir, limits), workdir)
         try:

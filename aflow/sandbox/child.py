@@ -15,8 +15,11 @@ Confinement, strongest available first (each layer is recorded in the report):
   * a pids cgroup (root) or RLIMIT_NPROC (non-root) against fork bombs;
   * rlimits on CPU time, address space, file size and open files;
   * an in-process guard: no fork/exec/kill/socket through the os and socket modules.
-Without namespaces (some containers) the guard and rlimits are what is left, and the
-parent still enforces a wall-clock timeout by killing the process group.
+Without a private root (namespaces refused, as in many containers) the job confines itself without
+privileges instead (unprivileged.py): Landlock limits reads to the Python prefix without its
+site-packages and the libraries, and writes to its directory; a seccomp filter refuses network
+sockets, ptrace, mounts, namespaces and signals to other processes. The guard and rlimits apply in
+every mode, and the parent enforces a wall-clock timeout by killing the process group.
 
 Protocol (JSON lines). stdin carries the job, then replies; the job's own prints go to a
 capped file, not to the channel.
@@ -35,6 +38,20 @@ import resource
 import signal
 import sys
 import traceback
+
+
+def _sibling(name):
+    """A stdlib-only module next to this script, by path (`python -I` leaves this directory off sys.path)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                     f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+unprivileged = _sibling("unprivileged")  # Landlock and seccomp, for when there is no private root
 
 CLONE_NEWNS = 0x00020000
 CLONE_NEWUSER = 0x10000000
@@ -824,8 +841,20 @@ def confine(job, layers):
         leave_host_root(workdir)
     drop_privileges(layers)
     set_rlimits(limits, own_processes, layers)
+    if not pivoted:  # no private root: the host's files are in view, so confine without privileges
+        confine_unprivileged(workdir, layers)
     # As a namespace's init this process ignores signals it has no handler for.
     signal.signal(signal.SIGXCPU, _cpu_exceeded)
+
+
+def confine_unprivileged(workdir, layers):
+    """Landlock (reads: the Python prefix without site-packages, the libraries; writes: workdir) and
+    the seccomp filter (unprivileged.py). Both need no_new_privs, which drop_privileges sets."""
+    _libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0)
+    tops, hidden = ROOT_PLAN if ROOT_PLAN else ([], [])
+    readable = unprivileged.readable_paths(tops, hidden)
+    unprivileged.restrict_files(readable, [workdir, *[d for d in DEVICES if os.path.exists(d)]], layers)
+    unprivileged.deny_syscalls(layers)
 
 
 def _cpu_exceeded(_signum, _frame):

@@ -41,7 +41,7 @@ from aflow.benchmarks import Problem, get_benchmark, public_tests, resolve_data_
 from aflow.benchmarks.weak_tests import is_weak
 from aflow.config import LLMConfig
 from aflow.llm import LLMClient
-from aflow.sandbox import Sandbox
+from aflow.sandbox import Sandbox, isolation_report, missing_file_confinement
 from aflow.search.experience import Experience, ExperiencePool
 from aflow.search.selection import SelectionConfig, select
 from aflow.search.tree import Node, Tree
@@ -130,6 +130,8 @@ class AFlowWorker:
     async def _sandbox(self) -> Sandbox:
         async with self.sandbox_lock:
             if self.sandbox is None:
+                if not self.cfg.allow_weak_isolation:  # this node's answers must not read its references
+                    refuse_weak_isolation(await isolation_report())
                 self.sandbox = await Sandbox().start()
         return self.sandbox
 
@@ -245,6 +247,19 @@ class AFlowWorker:
 
 
 DECOYS_KEPT = 64
+
+
+class WeakIsolation(RuntimeError):
+    """The sandbox on this node cannot keep answers from reading its files (one line, the layers named)."""
+
+
+def refuse_weak_isolation(layers: list[str]) -> None:
+    missing = missing_file_confinement(layers)
+    if missing:
+        raise WeakIsolation(f"the sandbox on this node gets no file confinement ({' and '.join(missing)} missing; "
+                            f"it gets {', '.join(layers) or 'nothing'}): answers could read the references, so "
+                            "rewards cannot be trusted; run `aflow sandbox-check` on the node, or set "
+                            "env.allow_weak_isolation=true to train anyway")
 
 
 def query_problem(row: dict, benchmark: str) -> Problem:
