@@ -527,8 +527,31 @@ def test_a_lookup_table_of_the_visible_examples_passes_humaneval_34_under_aflow_
     assert asyncio.run(go(problem.gold, "reward")) == (0.0, REASON)  # nothing can be told apart from a table
 
 
-def test_the_weak_list_is_the_scan_of_both_code_benchmarks(data_dir):
-    """The committed list is what the scan finds now: a table of the visible examples passes exactly those."""
-    from aflow.benchmarks.weak_tests import WEAK, scan
+def test_the_weak_list_agrees_with_the_scan_on_its_members_and_a_sample_of_the_rest(data_dir):
+    """Every listed problem is passed by a table of its visible examples, and 40 others drawn at random are
+    not (`python -m aflow.benchmarks.weak_tests` scans all 591 in about a minute: the list is its output)."""
+    import random
 
-    assert {name: frozenset(ids) for name, ids in asyncio.run(scan(data_dir)).items()} == WEAK
+    from aflow.benchmarks import public_tests
+    from aflow.benchmarks.weak_tests import WEAK, lookup_table, visible_examples
+
+    chosen = []
+    for name in ("humaneval", "mbpp"):
+        bench, public = get_benchmark(name), public_tests(name, data_dir)
+        problems = [p for split in ("validate", "test") for p in bench.load(split, data_dir)]
+        others = [p for p in problems if p.id not in WEAK[name]]
+        chosen += [(bench, public, p, p.id in WEAK[name])
+                   for p in [q for q in problems if q.id in WEAK[name]] + random.Random(34).sample(others, 20)]
+
+    async def go():
+        async with Sandbox() as sandbox:
+            verdicts = []
+            for bench, public, p, listed in chosen:
+                entry = p.reference["entry_point"]
+                table = lookup_table(entry, visible_examples(p.inputs["problem"], entry, public.get(entry, [])))
+                verdicts.append(((await bench.score(p, table, sandbox=sandbox, scoring="aflow"))[0] == 1.0, listed))
+            return verdicts
+
+    verdicts = asyncio.run(go())
+    assert len(verdicts) == 40 + sum(len(ids) for ids in WEAK.values())
+    assert all(passed == listed for passed, listed in verdicts), verdicts
