@@ -28,6 +28,7 @@ from aflow.workflows import (
     load_workflow,
 )
 from aflow.workflows.checks import ALLOWED_IMPORTS, check_source
+from tests.samples import GRAPH
 
 LIMITS = Limits(wall_seconds=10)
 needs_linux = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux-only")
@@ -515,19 +516,8 @@ def test_aflow_scripts_style_round_runs():
 
 # ---- behavioural identity (aflow.workflows.identity) ---------------------------------------------
 
-IDENTITY_GRAPH = '''from aflow_ops import Custom
-import prompt
-
-
-class Workflow:
-    def __init__(self):
-        self.custom = Custom()
-
-    async def __call__(self, problem):
-        result = await self.custom(input=problem, instruction=prompt.SOLVE)
-        return result["response"]
-'''
-IDENTITY_PROMPT = 'SOLVE = "Solve it step by step."\n'
+IDENTITY_GRAPH = GRAPH  # tests.samples: one Custom call with prompt.STYLE
+IDENTITY_PROMPT = 'STYLE = "Solve it step by step."\n'
 
 
 @pytest.mark.parametrize("graph,prompt", [
@@ -535,8 +525,8 @@ IDENTITY_PROMPT = 'SOLVE = "Solve it step by step."\n'
     (IDENTITY_GRAPH.replace("class Workflow:", 'class Workflow:\n    """A docstring only."""'), IDENTITY_PROMPT),
     (IDENTITY_GRAPH.replace("\n\n\nclass", "\n\n\n\n\nclass"), IDENTITY_PROMPT + "\n\n"),
     (IDENTITY_GRAPH.replace("result", "reply"), IDENTITY_PROMPT),  # a renamed local
-    (IDENTITY_GRAPH, 'SOLVE = "Solve it   step by step. "\n'),  # whitespace inside the prompt
-    (IDENTITY_GRAPH, 'SOLVE = (\n    "Solve it "\n    "step by step."\n)\n'),  # the same string, reflowed
+    (IDENTITY_GRAPH, 'STYLE = "Solve it   step by step. "\n'),  # whitespace inside the prompt
+    (IDENTITY_GRAPH, 'STYLE = (\n    "Solve it "\n    "step by step."\n)\n'),  # the same string, reflowed
 ])
 def test_cosmetic_variants_have_one_behaviour_hash(graph, prompt):
     from aflow.workflows.identity import behaviour_hash
@@ -545,10 +535,10 @@ def test_cosmetic_variants_have_one_behaviour_hash(graph, prompt):
 
 
 @pytest.mark.parametrize("graph,prompt", [
-    (IDENTITY_GRAPH, 'SOLVE = "Solve it step by step, carefully."\n'),  # the executor reads other words
+    (IDENTITY_GRAPH, 'STYLE = "Solve it step by step, carefully."\n'),  # the executor reads other words
     (IDENTITY_GRAPH.replace("Custom", "AnswerGenerate").replace('["response"]', '["answer"]')
-     .replace(", instruction=prompt.SOLVE", ""), IDENTITY_PROMPT),  # another operator
-    (IDENTITY_GRAPH.replace("instruction=prompt.SOLVE", "instruction=prompt.SOLVE + problem"), IDENTITY_PROMPT),
+     .replace(", instruction=prompt.STYLE", ""), IDENTITY_PROMPT),  # another operator
+    (IDENTITY_GRAPH.replace("instruction=prompt.STYLE", "instruction=prompt.STYLE + problem"), IDENTITY_PROMPT),
     (IDENTITY_GRAPH.replace("(self, problem)", "(self, question)").replace("input=problem", "input=question"),
      IDENTITY_PROMPT),  # an argument's name is part of the interface (the sandbox may pass it by keyword)
 ])
