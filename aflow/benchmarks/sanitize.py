@@ -97,6 +97,11 @@ def sanitize(text: str, entry_point: str | None) -> str:
         tree = _parse(code)
     except PARSE_ERRORS:
         return code
+    return _reduce(tree, entry_point)
+
+
+def _reduce(tree: ast.Module, entry_point: str | None) -> str:
+    """Step 2: the imports and the definitions the entry point reaches, in written order."""
     imports, definitions = _definitions(tree)
     if entry_point:
         names = {name for name, _ in definitions}
@@ -130,8 +135,12 @@ def sanitize_if_cheap(text: str, entry_point: str | None) -> str | None:
     if len(text) > CHEAP_CHARS or len(text.split("\n")) > MAX_LINES:
         return None
     try:
-        if not _parses(text):
-            return None
-        return sanitize(text, entry_point)
-    except (RecursionError, MemoryError, SanitizeError):
+        tree = _parse(text)  # the whole answer parses: it is its own longest run (code_extract's choice)
+    except PARSE_ERRORS:
+        return None
+    except (RecursionError, MemoryError):
+        return None
+    try:
+        return _reduce(tree, entry_point)
+    except (RecursionError, MemoryError):
         return None
