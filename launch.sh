@@ -151,9 +151,11 @@ if [ -n "${RAY_ADDRESS:-}" ]; then
   echo "[launch] Ray cluster: $RAY_ADDRESS"
 else
   if ! ray status >/dev/null 2>&1; then
-    echo "[launch] no Ray cluster on this machine: starting a head (ray start --head)" >&2
+    # on trainer.device=cpu the head gets the config's logical GPU and CPUs (ray_kwargs.ray_init)
+    head_args="$(python -m recipes.dry_run --ray-head-args "$@")"
+    echo "[launch] no Ray cluster on this machine: starting a head (ray start --head $head_args)" >&2
     export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
-    ray start --head --disable-usage-stats ${AFLOW_RAY_START_ARGS:-} >"$logdir/ray-start.log" 2>&1 || {
+    ray start --head --disable-usage-stats $head_args ${AFLOW_RAY_START_ARGS:-} >"$logdir/ray-start.log" 2>&1 || {
       echo "launch.sh: ray start --head failed, see $logdir/ray-start.log" >&2
       exit 2
     }
@@ -161,6 +163,9 @@ else
   preflight_address=auto
   echo "[launch] Ray cluster: this machine (ray status; ray job list)"
 fi
+
+# Task data at the configured paths, built when missing (from $AFLOW_DATA_DIR; $AFLOW_BENCHMARKS, else all six)
+python -m recipes.dry_run --build-missing-data "$@"
 
 # Validate (exit 2, one line) and check the plan against the cluster (exit 3, one line).
 # The composed config and the plan are kept in $logdir/dry_run.txt.
@@ -196,5 +201,24 @@ EOF
 
 submission_id="aflow-rl-$stamp"
 echo "[launch] submitting $submission_id  (follow: ray job logs -f $submission_id; stop: ray job stop $submission_id)"
-exec ray job submit --submission-id "$submission_id" --working-dir "$ROOT" \
-  --runtime-env-json "$runtime_env_json" -- python -m recipes.train "$@"
+# A head that has just started may not take jobs yet ("No available agent to submit job"): try again for a minute.
+for attempt in $(seq 1 30); do
+  if ray job submit --no-wait --submission-id "$submission_id" --working-dir "$ROOT" \
+      --runtime-env-json "$runtime_env_json" -- python -m recipes.train "$@" >"$logdir/submit.log" 2>&1; then
+    break
+  fi
+  if ! grep -q "No available agent" "$logdir/submit.log" || [ "$attempt" = 30 ]; then
+    cat "$logdir/submit.log" >&2
+    echo "launch.sh: ray job submit failed (above)" >&2
+    exit 1
+  fi
+  sleep 2
+done
+echo "[launch] job $submission_id submitted; its logs follow (Ctrl-C stops following, not the job)"
+ray job logs --follow "$submission_id" || true
+if ray job status "$submission_id" 2>&1 | grep -q "Job '$submission_id' succeeded"; then
+  echo "[launch] job $submission_id succeeded"
+  exit 0
+fi
+echo "[launch] job $submission_id did not succeed: $(ray job status "$submission_id" 2>&1 | grep -E 'Status (for|message)' | tr '\n' ' ')" >&2
+exit 1

@@ -39,6 +39,7 @@ class Record:
     latency_s: float = 0.0
     cached_calls: int = 0  # answered by the response cache (not in `calls`)
     cached_tokens: int = 0  # the tokens those cached answers stand for (not in prompt/completion_tokens)
+    executor_outages: int = 0  # executor calls that failed on transient errors after every retry (down, not wrong)
     scoring: str = "aflow"  # the scoring variant (SCORING_VARIANTS) that gave `score`
     # The benchmark's reference answer, so a wrong output can be diagnosed from the record alone
     # (code benchmarks: the canonical solution); `tests`: a code benchmark's hidden test source.
@@ -102,7 +103,7 @@ async def run_problem(bench: Benchmark, problem: Problem, workflow: WorkflowCode
         score=score, error=error, score_reason=reason, prompt_tokens=usage.prompt_tokens,
         completion_tokens=usage.completion_tokens, calls=usage.calls, cost_usd=usage.cost_usd,
         latency_s=round(time.monotonic() - started, 3), cached_calls=usage.cached, cached_tokens=usage.cached_tokens,
-        scoring=scoring,
+        executor_outages=usage.outages, scoring=scoring,
         expected=_cut(problem.gold), tests=_cut(problem.reference.get("test")) if bench.is_code else None,
     )
     return record, isolation

@@ -37,6 +37,7 @@ class Usage:
     cost_usd: float = 0.0
     retries: int = 0
     failures: int = 0
+    outages: int = 0  # failures whose last error was transient (down, overloaded, timing out): the executor's
 
     def add(self, other: Usage) -> None:
         for name in self.__dataclass_fields__:
@@ -189,9 +190,10 @@ class LLMClient:
                 u.completion_tokens += completion_tokens
                 u.cost_usd += cost
             return Completion(text, prompt_tokens, completion_tokens, cost, cached=False)
+        assert last is not None
         for u in trackers:
             u.failures += 1
-        assert last is not None
+            u.outages += int(_retryable(last))
         raise LLMCallError(f"{self.config.model} at {self.config.base_url}: {describe(last)}") from last
 
     async def check(self, role: str = "executor", chat: bool = False) -> None:

@@ -364,7 +364,7 @@ def install_advantage_hook(config: Any = None, observer=None):
         if compute_advantage.observer is not None:
             compute_advantage.observer(data)
         if _estimator_name(adv_estimator) != WORKFLOW_GIGPO:
-            return original(
+            data = original(
                 data,
                 adv_estimator,
                 gamma=gamma,
@@ -373,6 +373,9 @@ def install_advantage_hook(config: Any = None, observer=None):
                 norm_adv_by_std_in_grpo=norm_adv_by_std_in_grpo,
                 config=config,
             )
+            if _estimator_name(adv_estimator) == "grpo":
+                zero_flat_groups(data)
+            return data
         if "response_mask" not in data.batch.keys():  # same back-compat step as the original
             data.batch["response_mask"] = ray_trainer.compute_response_mask(data)
         gigpo = compute_advantage.gigpo or _gigpo_from_trainer(config) or GiGPOConfig()
@@ -409,6 +412,27 @@ def apply_group_diversity(data, weight: float) -> None:
     last = data.batch["response_mask"].sum(-1).clamp(min=1) - 1
     for row, value in enumerate(bonus):
         rewards[row, int(last[row])] += value
+
+
+def zero_flat_groups(data) -> int:
+    """GRPO's advantage is 0 for a group whose episodes all scored the same, in exact arithmetic; verl
+    computes (score - mean) / (std + 1e-6) in float32, where the mean of eight -0.1 is not exactly -0.1, and
+    the rounding error divided by 1e-6 became a constant advantage of ~0.007 on every token of such a group
+    (measured in the rehearsal): a push towards whatever was sampled, with no reward behind it. Those
+    groups get 0. Returns how many rows were zeroed."""
+    if "uid" not in data.non_tensor_batch or "advantages" not in data.batch.keys():
+        return 0
+
+    scores = data.batch["token_level_rewards"].sum(-1).tolist()
+    groups: dict[Any, list[float]] = {}
+    for uid, score in zip(data.non_tensor_batch["uid"], scores, strict=True):
+        groups.setdefault(uid, []).append(score)
+    flat = torch.tensor([max(groups[uid]) == min(groups[uid]) for uid in data.non_tensor_batch["uid"]])
+    if flat.any():
+        for key in ("advantages", "returns"):
+            if key in data.batch.keys():
+                data.batch[key][flat] = 0.0
+    return int(flat.sum())
 
 
 def uninstall_advantage_hook() -> None:

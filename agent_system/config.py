@@ -9,10 +9,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+EMBEDDED_EXECUTOR = "embedded"
+
 
 @dataclass
 class EndpointConfig:
-    base_url: str = ""  # empty: the embedded SmolLM2 server (CPU) — set a real one on a cluster
+    # The executor: an OpenAI-compatible base URL, or "embedded" for the bundled llama.cpp SmolLM2-135M (CPU),
+    # started by the task runner. Empty means embedded too, but only for an embedded policy: a real policy
+    # with no executor configured is refused (recipes/checks.py), not silently paired with a 135M executor.
+    # As env.reward.judge: empty means no judge.
+    base_url: str = ""
     model: str = ""
     api_key_env: str | None = None
     max_tokens: int = 512
@@ -31,10 +37,24 @@ class RewardConfig:
     counterfactual: bool = True
     variety_weight: float = 0.0  # bonus per distinct operator used by the final workflow (WA-GRPO)
     diversity_weight: float = 0.0  # bonus for differing from the other workflows of the group (WA-GRPO)
-    judge: EndpointConfig | None = None  # optional LLM judge for QA answers (query mode)
+    # optional LLM judge for QA answers (query mode), off while its base_url is empty; a plain section (not
+    # Optional) so that `env.reward.judge.base_url=... env.reward.judge.model=...` work on the command line
+    judge: EndpointConfig = field(default_factory=EndpointConfig)
     # How workflow outputs are scored (aflow.benchmarks.SCORING_VARIANTS). `reward`: hardened rules, e.g.
     # a QA answer that hedges ("A or B", "yes no") or stuffs words scores 0; `aflow`: AFlow's own rules.
     scoring: str = "reward"
+
+
+@dataclass
+class HealthConfig:
+    """When to stop a run that is training on nothing (recipes/health.py): with a checkpoint and one line.
+    A step is *failing* when more than `max_failed_share` of its episodes failed (no reward: masked), and
+    *flat* when no GRPO group has a reward spread (no gradient from the reward). The run stops after
+    `failed_steps` failing steps in a row, or `flat_steps` flat steps in a row; 0 turns a check off."""
+
+    max_failed_share: float = 0.5
+    failed_steps: int = 3
+    flat_steps: int = 10
 
 
 @dataclass
@@ -61,7 +81,10 @@ class EnvConfig:
     resources_per_worker: dict[str, float] = field(default_factory=lambda: {"num_cpus": 0.5, "num_gpus": 0.0})
     executor: EndpointConfig = field(default_factory=EndpointConfig)
     data_dir: str | None = None  # AFlow JSONL directory on the workers' machines
-    workdir: str | None = None  # experience pool and response cache of the workers (default: a temp dir)
+    # The workers' state: search trees, experience pools, response cache. recipes/train.py makes it
+    # <trainer.default_local_dir>/env, the run's own, saved with each checkpoint (recipes/env_state.py);
+    # unset outside a training run: a temp dir
+    workdir: str | None = None
     concurrency: int = 8  # problems evaluated at once inside one worker
     # Budgets of one workflow, charged to it (a spent budget fails that workflow's problems, nobody else's):
     workflow_concurrency: int = 4  # problems of one measurement at once (so no workflow holds every slot)
@@ -82,6 +105,7 @@ class EnvConfig:
     seed: int = 0
     reward: RewardConfig = field(default_factory=RewardConfig)
     gigpo: GiGPOConfig = field(default_factory=GiGPOConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any] | None) -> EnvConfig:
@@ -93,7 +117,8 @@ class EnvConfig:
 
 
 ACTION_SPACES = ("code", "canvas")
-NESTED = {"executor": EndpointConfig, "reward": RewardConfig, "gigpo": GiGPOConfig, "judge": EndpointConfig}
+NESTED = {"executor": EndpointConfig, "reward": RewardConfig, "gigpo": GiGPOConfig, "judge": EndpointConfig,
+          "health": HealthConfig}
 
 
 def _build(cls, data: dict, where: str):

@@ -33,6 +33,7 @@ import argparse
 import contextlib
 import importlib.util
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -169,16 +170,62 @@ def compose_checked(overrides: list[str]) -> DictConfig:
         raise ConfigError(_one_line(exc)) from None
 
 
+TASK_BENCHMARKS = "gsm8k,math,humaneval,mbpp,hotpotqa,drop"
+
+
+def ray_head_args(config: DictConfig) -> list[str]:
+    """`ray start --head` arguments for a head launch.sh starts: on trainer.device=cpu the logical GPU and
+    CPUs of ray_kwargs.ray_init (verl asks for "GPU"; the cpu platform maps it to the host), else none."""
+    if str(config.trainer.get("device", "cuda")) != "cpu":
+        return []
+    init = config.ray_kwargs.get("ray_init") or {}
+    return [arg for key in ("num_cpus", "num_gpus") if init.get(key) is not None
+            for arg in (f"--{key.replace('_', '-')}", str(init.get(key)))]
+
+
+def build_missing_task_data(config: DictConfig) -> str | None:
+    """Task mode with data.train_files/val_files = DIR/train.parquet, DIR/val.parquet missing: build them
+    (data_prep.build, the benchmarks of $AFLOW_BENCHMARKS, else all six; 2 validation rows per benchmark:
+    a validation episode costs as much as a training one). Returns what was done, None when nothing."""
+    from data_prep.build import main as build
+
+    train, val = Path(str(config.data.train_files)), Path(str(config.data.val_files))
+    if str(config.env.mode) != "task" or (train.is_file() and val.is_file()):
+        return None
+    if train.name != "train.parquet" or val.name != "val.parquet" or train.parent != val.parent:
+        return None  # files of the user's own: the data check in recipes.train names what is missing
+    benchmarks = os.environ.get("AFLOW_BENCHMARKS") or TASK_BENCHMARKS
+    argv = ["--out", str(train.parent), "--benchmarks", benchmarks, "--mode", "task", "--val-task-repeats", "2",
+            "--action-space", str(config.env.action_space)]
+    if os.environ.get("AFLOW_DATA_DIR"):
+        argv += ["--data-dir", os.environ["AFLOW_DATA_DIR"]]
+    if build(argv) != 0:
+        raise ConfigError(f"data: building the task data in {train.parent} failed (above)")
+    return f"built task data ({benchmarks}) in {train.parent}"
+
+
 def main(argv: list[str] | None = None) -> int:
     from recipes.preflight import add_cluster_args, cluster_from_args, plan_for
 
     parser = argparse.ArgumentParser(prog="python -m recipes.dry_run", description=__doc__.splitlines()[0])
     parser.add_argument("--strict", action="store_true", help="exit 3 when the resource plan does not fit")
+    parser.add_argument("--ray-head-args", action="store_true",
+                        help="print the `ray start --head` arguments this config needs, and nothing else")
+    parser.add_argument("--build-missing-data", action="store_true",
+                        help="build the task-mode parquet when the configured files are missing, then exit")
     add_cluster_args(parser)
     parser.add_argument("overrides", nargs="*", help="hydra overrides, e.g. preset=cpu-smoke data.train_batch_size=4")
     args = parser.parse_args(argv)
     try:
         config = compose_checked(args.overrides)
+        if args.ray_head_args:
+            print(" ".join(ray_head_args(config)))
+            return 0
+        if args.build_missing_data:
+            done = build_missing_task_data(config)
+            if done:
+                print(f"[launch] {done}", file=sys.stderr)
+            return 0
         notes = validate(config)
         text = OmegaConf.to_yaml(config, resolve=True)
     except ConfigError as exc:

@@ -81,21 +81,86 @@ def local_resources() -> dict[str, Any]:
         except Exception:
             gpus = 0
     info = {"source": "local machine", "cpus": _num(cpus), "gpus": _num(gpus), "node_gpus": [_num(gpus)]}
-    memory = local_gpu_memory_gb() if gpus else None
-    if memory:
-        info["gpu_memory_gb"] = memory
-    return info
+    return {**info, **_merge_facts([node_facts()])}
 
 
-def local_gpu_memory_gb() -> float | None:
-    """The smallest local GPU's memory (nvidia-smi), the one a plan must fit."""
+def node_facts() -> dict[str, Any]:
+    """This node: host RAM (GiB, /proc/meminfo), the smallest GPU's memory and the NVIDIA driver (nvidia-smi).
+    Self-contained (run on every node of a Ray cluster by `cluster_node_facts`)."""
+    import subprocess as sp
+
+    facts: dict[str, Any] = {}
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20).stdout
-        sizes = [float(line) / 1024 for line in out.split() if line.strip()]
-    except (OSError, subprocess.SubprocessError, ValueError):
+        with open("/proc/meminfo") as f:
+            kib = next(int(line.split()[1]) for line in f if line.startswith("MemTotal:"))
+        facts["host_memory_gb"] = round(kib / 1024**2, 1)
+    except (OSError, StopIteration, ValueError):
+        pass
+    try:
+        out = sp.run(["nvidia-smi", "--query-gpu=memory.total,driver_version", "--format=csv,noheader,nounits"],
+                     capture_output=True, text=True, timeout=20).stdout
+        rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
+        if rows:
+            facts["gpu_memory_gb"] = round(min(float(r[0]) for r in rows) / 1024, 1)
+            facts["nvidia_driver"] = rows[0][1]
+    except (OSError, sp.SubprocessError, ValueError, IndexError):
+        pass
+    return facts
+
+
+def _merge_facts(nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """The binding facts of the nodes with a GPU (those run the trainer; a laptop's dry run of a GPU preset
+    measures nothing): the smallest host RAM and GPU, the oldest driver."""
+    nodes = [n for n in nodes if n.get("gpu_memory_gb")]
+    merged: dict[str, Any] = {}
+    for key in ("host_memory_gb", "gpu_memory_gb"):
+        values = [n[key] for n in nodes if n.get(key)]
+        if values:
+            merged[key] = min(values)
+    drivers = [n["nvidia_driver"] for n in nodes if n.get("nvidia_driver")]
+    if drivers:
+        merged["nvidia_driver"] = min(drivers, key=_version)
+    return merged
+
+
+def cluster_node_facts() -> list[dict[str, Any]]:
+    """`node_facts` measured on every alive node of the connected Ray cluster (a zero-CPU task pinned to
+    each), so host RAM and GPUs are those of the nodes that will run the job, not of the launching one."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    probe = ray.remote(num_cpus=0)(lambda: node_facts())
+    refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)).remote()
+            for node in ray.nodes() if node.get("Alive")]
+    return ray.get(refs, timeout=120)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split(".") if part.isdigit())
+
+
+# The oldest Linux driver each CUDA major version runs on (NVIDIA's minor-version compatibility table)
+CUDA_MIN_DRIVER = {11: "450.80.02", 12: "525.60.13", 13: "580.65.06"}
+
+
+def driver_refusal(driver: str | None, cuda: str | None) -> str | None:
+    """One line when the NVIDIA driver is older than the installed torch's CUDA needs."""
+    if not driver or not cuda:
         return None
-    return round(min(sizes), 1) if sizes else None
+    need = CUDA_MIN_DRIVER.get(_version(cuda)[0])
+    if need is None or _version(driver) >= _version(need):
+        return None
+    return (f"the NVIDIA driver {driver} is older than CUDA {cuda} (the installed torch's) needs (>= {need}): "
+            "update the driver, or install torch built for an older CUDA")
+
+
+def torch_cuda() -> str | None:
+    try:
+        import torch
+
+        return torch.version.cuda
+    except Exception:  # torch missing or broken: nothing to compare
+        return None
 
 
 def ray_resources() -> dict[str, Any]:
@@ -107,7 +172,7 @@ def ray_resources() -> dict[str, Any]:
         _num(node["Resources"].get("GPU", 0)) for node in ray.nodes() if node.get("Alive")
     ]
     return {"source": "ray cluster", "cpus": _num(total.get("CPU", 0)), "gpus": _num(total.get("GPU", 0)),
-            "node_gpus": node_gpus or [0]}
+            "node_gpus": node_gpus or [0], **_merge_facts(cluster_node_facts())}
 
 
 def detect_cluster(address: str | None = None) -> dict[str, Any]:
@@ -213,9 +278,11 @@ def plan_for(config: DictConfig, cluster: dict[str, Any] | None = None) -> dict[
     message = _refusal(config, gpus, cpus, cluster, env, env_cpu_each, env_gpu_each, per_gpu)
     memory = memory_for(config, cluster)
     message = message or memory.get("message")
+    if str(config.trainer.get("device", "cuda")) == "cuda" and cluster.get("nvidia_driver"):
+        message = message or driver_refusal(cluster["nvidia_driver"], torch_cuda())
     return {"gpus": gpus, "cpus": cpus, "details": details, "memory": memory,
-            "cluster": {k: cluster[k] for k in ("source", "cpus", "gpus", "node_gpus", "gpu_memory_gb")
-                        if k in cluster},
+            "cluster": {k: cluster[k] for k in ("source", "cpus", "gpus", "node_gpus", "gpu_memory_gb",
+                                                "host_memory_gb", "nvidia_driver") if k in cluster},
             "fits": message is None, "message": message}
 
 
@@ -226,10 +293,11 @@ def memory_for(config: DictConfig, cluster: dict[str, Any]) -> dict[str, Any]:
     from recipes.memory_plan import DEFAULT_MARGIN, memory_plan
 
     section = config.get("preflight") or {}
+    host_gb = cluster.get("host_memory_gb") or _get(section, "host_memory_gb")  # measured wins
     if str(config.trainer.get("device", "cuda")) == "cpu":
-        return memory_plan(config, None, _get(section, "host_memory_gb"))
+        return memory_plan(config, None, None)  # a CPU run's plan is not the GPU's: nothing to hold it to
     gpu_gb = cluster.get("gpu_memory_gb") or _get(section, "gpu_memory_gb")
-    plan = memory_plan(config, float(gpu_gb) if gpu_gb else None, _get(section, "host_memory_gb"),
+    plan = memory_plan(config, float(gpu_gb) if gpu_gb else None, host_gb,
                        float(_get(section, "memory_margin", DEFAULT_MARGIN)))
     if plan.get("message"):
         plan["message"] = f"memory: {plan['message']}"

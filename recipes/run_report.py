@@ -19,10 +19,12 @@ from typing import Any
 
 
 class RunReport:
-    def __init__(self, out_dir: str | Path):
+    def __init__(self, out_dir: str | Path, on_step=None):
         self.out_dir = Path(out_dir)
         self.history: list[dict[str, float]] = []
         self._batch: dict[str, int] = {}
+        self._reasons: list[str] = []
+        self.on_step = on_step  # (step, counts) after each training step's line: the health guard
 
     def on_batch(self, data) -> None:
         """Groups (uids) whose episodes got different rewards: only those carry a GRPO signal."""
@@ -31,8 +33,10 @@ class RunReport:
         for uid, score in zip(data.non_tensor_batch["uid"], scores, strict=True):
             groups[uid].append(score)
         failed = data.non_tensor_batch.get("episode_failed")
-        self._batch = {"groups": len(groups), "spread": sum(max(g) > min(g) for g in groups.values()),
+        self._batch = {"episodes": len(scores), "groups": len(groups),
+                       "spread": sum(max(g) > min(g) for g in groups.values()),
                        "failed": int(sum(bool(f) for f in failed)) if failed is not None else 0}
+        self._reasons = sorted({str(f) for f in failed if f}) if failed is not None else []
         penalties = [p for row in data.non_tensor_batch.get("step_penalties", []) for p in (row or [])]
         if penalties:  # the policy's turns that the environment accepted (a penalised turn was rejected)
             self._batch["valid"] = sum(p == 0 for p in penalties) / len(penalties)
@@ -49,7 +53,9 @@ class RunReport:
                  f"{valid})" if self._batch else "")
         print(f"step {step}: reward {row['reward']:.4f}, loss {row['loss']:.4f}, {row['seconds']:.1f} s{batch}",
               flush=True)
-        self._batch = {}
+        counts, self._batch = {**self._batch, "reasons": self._reasons}, {}
+        if self.on_step is not None and "episodes" in counts:
+            self.on_step(step, counts)
 
     def watch(self) -> None:
         """Wrap verl's Tracking.log in this process so every step's metrics reach `on_log`."""

@@ -16,14 +16,18 @@ line, the reward plot and summary.json from inside verl's task runner.
 from __future__ import annotations
 
 import contextlib
+import functools
+import hashlib
 import importlib
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recipes.config import CONFIG_NAME, REPO_ROOT, ConfigError, register_resolvers, validate_env
+from recipes.health import RunStopped, read_stopped
 
 # Modules imported inside verl's task-runner process before training starts: the agent loop registers
 # "aflow_agent", the advantage hook patches the trainer's advantage step (GiGPO).
@@ -94,9 +98,11 @@ def task_runner_class():
             from recipes.run_report import RunReport
 
             register_resolvers()
-            report = RunReport(config.trainer.default_local_dir)
+            hooks = RunHooks(config)
+            report = RunReport(config.trainer.default_local_dir, on_step=hooks.on_step)
             load_plugins(observer=report.on_batch)
             report.watch()
+            hooks.install()
             portable_paths(config)
             with embedded_executor(config):
                 result = super().run(config)
@@ -104,6 +110,70 @@ def task_runner_class():
             return result
 
     return ray.remote(AFlowTaskRunner)
+
+
+class RunHooks:
+    """What the run adds to verl's RayPPOTrainer, in the task runner (the process that runs `fit`): the
+    environment's directory saved with each checkpoint and restored on resume (recipes/env_state.py), and
+    the health guard (recipes/health.py), which saves a checkpoint and stops the run."""
+
+    def __init__(self, config: DictConfig):
+        from recipes.health import HealthGuard
+
+        self.out_dir = Path(config.trainer.default_local_dir)
+        self.env_dir = Path(config.env.workdir)
+        self.guard = HealthGuard.of(config.env.health)
+        self.trainer = None
+        self.saved_step: int | None = None
+
+    def install(self) -> None:
+        from verl.trainer.ppo.ray_trainer import RayPPOTrainer
+
+        hooks = self
+        fit, save, load = (getattr(getattr(RayPPOTrainer, name), "__wrapped__", getattr(RayPPOTrainer, name))
+                           for name in ("fit", "_save_checkpoint", "_load_checkpoint"))
+
+        @functools.wraps(fit)
+        def fit_(trainer):
+            hooks.trainer = trainer
+            return fit(trainer)
+
+        @functools.wraps(save)
+        def save_(trainer):
+            from recipes import env_state
+
+            save(trainer)
+            step_dir = hooks.out_dir / f"global_step_{trainer.global_steps}"
+            env_state.snapshot(hooks.env_dir, step_dir)
+            env_state.prune(hooks.out_dir)
+            hooks.saved_step = trainer.global_steps
+
+        @functools.wraps(load)
+        def load_(trainer):
+            from recipes import env_state
+
+            result = load(trainer)
+            step = int(trainer.global_steps or 0)
+            print(env_state.restore(hooks.out_dir / f"global_step_{step}" if step else None, hooks.env_dir),
+                  flush=True)
+            return result
+
+        RayPPOTrainer.fit, RayPPOTrainer._save_checkpoint, RayPPOTrainer._load_checkpoint = fit_, save_, load_
+
+    def on_step(self, step: int, counts: dict) -> None:
+        from recipes.health import write_stopped
+
+        reason = self.guard.check(step, counts)
+        if reason is None:
+            return
+        checkpoint = None
+        if self.trainer is not None:
+            if self.saved_step != step:
+                self.trainer._save_checkpoint()
+            checkpoint = str(self.out_dir / f"global_step_{step}")
+        write_stopped(self.out_dir, step, reason, checkpoint)
+        print(f"health guard: stopping the run: {reason} (checkpoint: {checkpoint})", flush=True)
+        raise RunStopped(reason)
 
 
 @contextlib.contextmanager
@@ -115,15 +185,17 @@ def embedded_executor(config: DictConfig):
     It listens on 127.0.0.1, so a cluster of several nodes is refused: AFlowWorkers elsewhere could not
     reach it (and without an executor every episode would fail and the run would train on nothing).
     """
+    from agent_system.config import EMBEDDED_EXECUTOR
+
     executor = config.env.executor
-    if str(executor.get("base_url") or ""):
+    if str(executor.get("base_url") or "") not in ("", EMBEDDED_EXECUTOR):
         yield None
         return
     import ray
 
     nodes = [node for node in ray.nodes() if node.get("Alive")]
     if len(nodes) > 1:
-        raise RuntimeError(f"env.executor.base_url is empty and the embedded executor serves one machine only, "
+        raise RuntimeError(f"env.executor.base_url={EMBEDDED_EXECUTOR!r}: the embedded executor serves one machine only, "
                            f"but the cluster has {len(nodes)} nodes: set env.executor.base_url/model")
     from aflow import embedded
 
@@ -206,11 +278,37 @@ def check_isolation(config: DictConfig) -> None:
         raise ConfigError(str(exc)) from None
 
 
+def run_directories(config: DictConfig) -> None:
+    """The run's own environment directory (`env.workdir`, default <trainer.default_local_dir>/env, saved
+    with each checkpoint) and a run id that stays the same when the run resumes."""
+    out_dir = Path(str(config.trainer.default_local_dir)).expanduser().resolve()
+    with open_dict(config):
+        config.trainer.default_local_dir = str(out_dir)
+        if not config.env.get("workdir"):
+            from recipes.env_state import run_env_dir
+
+            config.env.workdir = str(run_env_dir(out_dir))
+        if not config.env.get("run_id"):
+            config.env.run_id = hashlib.sha256(str(out_dir).encode()).hexdigest()[:12]
+    (out_dir / "stopped.json").unlink(missing_ok=True)
+
+
+def in_ray_job(config: DictConfig) -> None:
+    """Inside a Ray job verl's ray.init connects to the job's cluster, where Ray refuses num_cpus/num_gpus
+    (they describe a cluster verl would start): those are the head's (launch.sh starts it with them)."""
+    if os.environ.get("RAY_ADDRESS"):
+        with open_dict(config):
+            for key in ("num_cpus", "num_gpus"):
+                config.ray_kwargs.ray_init.pop(key, None)
+
+
 def run(config: DictConfig) -> None:
-    """Validate, then train with verl's RayPPOTrainer."""
+    """Check, then train with verl's RayPPOTrainer."""
+    from recipes import checks
     from recipes.dry_run import validate
 
-    validate_env(config)
+    env = validate_env(config)
+    checks.check_executor_choice(config, env)
     if str(config.trainer.get("device", "cuda")) == "cpu":
         cpu_runtime(config)  # before verl's trainer modules are imported: importing them selects the platform
     from verl.trainer.main_ppo import run_ppo
@@ -218,9 +316,19 @@ def run(config: DictConfig) -> None:
 
     auto_set_device(config)  # as verl's own main does: trainer.device=npu on Ascend
     validate(config)
+    run_directories(config)
+    checks.check_data(config, env)
     check_isolation(config)
     preflight_in_cluster(config)
-    run_ppo(config, task_runner_class=task_runner_class())
+    checks.probe_executor(env)
+    in_ray_job(config)
+    try:
+        run_ppo(config, task_runner_class=task_runner_class())
+    except Exception:
+        stopped = read_stopped(Path(config.trainer.default_local_dir))
+        if stopped is None:
+            raise
+        raise RunStopped(f"{stopped['reason']} (checkpoint: {stopped['checkpoint']})") from None
 
 
 @hydra.main(config_path="../configs", config_name=CONFIG_NAME, version_base=None)
@@ -230,6 +338,9 @@ def main(config: DictConfig) -> None:
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    except RunStopped as exc:
+        print(f"training stopped by the health guard: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 if __name__ == "__main__":

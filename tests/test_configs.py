@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,6 @@ from agent_system.config import EnvConfig  # noqa: E402
 from recipes import config as config_module  # noqa: E402
 from recipes import dry_run, preflight, train  # noqa: E402
 from recipes.config import CONFIG_DIR, ConfigError, compose  # noqa: E402
-from tests.process_guard import snapshot  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # verl's "engine X is not available" at import
 
@@ -37,13 +35,14 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def test_presets_are_the_documented_four():
+def test_presets_are_the_documented_five():
     """configs/preset holds exactly the presets of the README's `preset=` table, one row each."""
     readme = (ROOT / "README.md").read_text().split("| `preset=` | for |\n|---|---|\n", 1)[1]
     rows = readme.split("\n\n", 1)[0].splitlines()
     documented = [row.split("`")[1] for row in rows]
-    assert len(documented) == 4 and set(documented) == set(PRESETS)
-    assert set(PRESETS) == {"qwen2.5-7b-a100-80g", "qwen2.5-7b-a100-40g-lora", "cpu-smoke", "cpu-local"}
+    assert len(documented) == 5 and set(documented) == set(PRESETS)
+    assert set(PRESETS) == {"qwen2.5-7b-a100-80g", "qwen2.5-7b-a100-40g-lora", "cpu-smoke", "cpu-local",
+                            "cpu-rehearsal"}
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -54,8 +53,8 @@ def test_preset_composes_and_passes_verl_validation(preset):
     assert config.algorithm.adv_estimator == "grpo"
     assert config.trainer.use_v1 is False
     rollout = config.actor_rollout_ref.rollout
-    # cpu-local: verl's trainer on the CPU, with the project's `cpu` rollout (agent_system/verl_cpu)
-    assert rollout.name == ("cpu" if preset == "cpu-local" else "vllm") and rollout.mode == "async"
+    # cpu-local, cpu-rehearsal: verl's trainer on the CPU, with the project's `cpu` rollout (agent_system/verl_cpu)
+    assert rollout.name == ("cpu" if preset in ("cpu-local", "cpu-rehearsal") else "vllm") and rollout.mode == "async"
     assert rollout.agent.default_agent_loop == "aflow_agent"
     assert config.data.return_raw_chat is True
     path = Path(rollout.agent.agent_loop_config_path)
@@ -102,7 +101,8 @@ def test_env_defaults_come_from_envconfig_alone(monkeypatch):
     yaml_env = OmegaConf.load(CONFIG_DIR / "aflow_grpo.yaml").env
     assert set(yaml_env) == {"data_dir"}, "configs/aflow_grpo.yaml must not copy EnvConfig's defaults"
     section = config_module.env_section(compose([]))
-    assert EnvConfig.from_dict(section).to_dict() == EnvConfig().to_dict()
+    preset = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "preset" / "qwen2.5-7b-a100-80g.yaml").env)
+    assert EnvConfig.from_dict(section).to_dict() == {**EnvConfig().to_dict(), **preset}  # the rest: the dataclass
 
 
 @pytest.mark.parametrize("override,fragment", [("env.max_turns=three", "max_turns"), ("+env.bogus=1", "bogus"),
@@ -284,37 +284,13 @@ def test_other_estimators_compose_and_validate(overrides, critic):
 def test_launch_refuses_a_plan_the_real_cluster_cannot_fit(tmp_path):
     """A real local Ray head (no GPU): `bash launch.sh` must refuse at once with one message and
     submit no job, instead of letting the trainer wait forever for resources."""
-    import socket
+    from tests.fits import ray_head
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     env = {**_env(tmp_path), "RAY_AUTH_MODE": "token"}
-    ray_bin = str(Path(sys.executable).with_name("ray"))
-    temp_dir = f"/tmp/ray-t{port}"  # short: Ray's unix sockets live under it
-    # its own session: every process of this head keeps it (Ray's agents rename themselves, and outlive a
-    # killed raylet), so the head can be stopped without `ray stop`, which would stop the tests' own Ray too
-    head = subprocess.Popen([ray_bin, "start", "--head", "--port", str(port), "--num-cpus", "2", "--num-gpus", "0",
-                             "--include-dashboard", "false", "--disable-usage-stats", "--temp-dir", temp_dir],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    try:
-        _, err = head.communicate(timeout=180)
-        assert head.returncode == 0, err[-2000:]
-        address = f"127.0.0.1:{port}"
+    with ray_head(env, "--num-cpus", "2", "--num-gpus", "0") as (address, _, _):
         launch = subprocess.run(["bash", str(ROOT / "launch.sh"), "preset=cpu-smoke"], cwd=tmp_path,
                                 capture_output=True, text=True, env={**env, "RAY_ADDRESS": address}, timeout=300)
-        assert launch.returncode == 3, launch.stdout[-1500:] + launch.stderr[-1500:]
-        refusal = [line for line in launch.stderr.splitlines() if "trainer.n_gpus_per_node" in line]
-        assert len(refusal) == 1 and "GPU" in refusal[0]
-        assert "submitting" not in launch.stdout + launch.stderr
-    finally:
-        deadline = time.monotonic() + 10
-        while (members := [p.pid for p in snapshot().values() if p.sid == head.pid and p.state not in "ZX"]):
-            for pid in members:
-                try:
-                    os.kill(pid, 9)
-                except ProcessLookupError:
-                    pass
-            if time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
+    assert launch.returncode == 3, launch.stdout[-1500:] + launch.stderr[-1500:]
+    refusal = [line for line in launch.stderr.splitlines() if "trainer.n_gpus_per_node" in line]
+    assert len(refusal) == 1 and "GPU" in refusal[0]
+    assert "submitting" not in launch.stdout + launch.stderr

@@ -30,6 +30,7 @@ STARTS = {
     "ray_cluster": "ray",
     "_ray_session": "ray",
     "main_job_run": "fit",
+    "rehearsal_run": "fit",
     "toy_learning_runs": "fit",
 }
 SLOW = ("model", "ray", "fit", "sweep")

@@ -37,17 +37,25 @@ the complete new prompt.py
 </prompt>"""
 
 
-def format_experience(records: list[Experience]) -> str:
+EXPERIENCE_SHOWN = 10  # the latest records of a node: in RL a node collects hundreds over a run
+MODIFICATION_CHARS = 200  # of each record's modification (the proposer's own sentence, any length)
+
+
+def format_experience(records: list[Experience], limit: int = EXPERIENCE_SHOWN) -> str:
+    """What was tried from this workflow, the latest `limit` records, each modification cut to
+    MODIFICATION_CHARS: the prompt stays within the policy's window however long the search runs."""
     if not records:
         return "(none yet)"
-    lines = []
-    for record in records:
+    shown = records[-limit:]
+    lines = [f"({len(records) - len(shown)} earlier attempts not shown)"] if len(shown) < len(records) else []
+    for record in shown:
         verdict = "improved" if record.success else "did not improve"
-        lines.append(f"- {record.modification} ({verdict}: {record.score_before:.4f} -> {record.score_after:.4f})")
+        modification = " ".join(record.modification.split())[:MODIFICATION_CHARS]
+        lines.append(f"- {modification} ({verdict}: {record.score_before:.4f} -> {record.score_after:.4f})")
     return "\n".join(lines)
 
 
-def format_failures(failures: list[dict], limit: int = 3, chars: int = 600) -> str:
+def format_failures(failures: list[dict], limit: int = 3, chars: int = 400) -> str:
     if not failures:
         return "(none recorded)"
     parts = []

@@ -6,7 +6,8 @@ appended as a user message whose tokens are masked 0. The output carries the epi
 reward (so verl skips reward workers) and, for workflow-GiGPO, each turn's token span,
 anchor state and step reward in `extra_fields`. A worker that dies or times out ends the
 episode as failed with the reason; the trainer gets an output either way and never hangs, with
-the episode's tokens masked and the reward of one invalid answer (`_failed_reward`).
+the episode's tokens masked and the reward of one invalid answer (`_failed_reward`). A worker found dead
+at reset (killed during an earlier step) is created again, once, and continues from its saved search.
 
 With `env.action_space: canvas` on the CPU rollout (`rollout.name: cpu`) decoding is constrained to the
 canvas action grammar of the benchmark's family (`aflow_grammar`, `agent_system.constrained`), so every
@@ -85,15 +86,20 @@ class AFlowAgentLoop(AgentLoopBase):
         row["extra_info"] = dict(row["extra_info"] or {})
         uid = str(kwargs.get("uid") or uuid4())
         benchmark = row["extra_info"].get("benchmark") or str(row.get("data_source") or "").split("/")[-1]
-        worker = worker_handle(route(self.env_cfg, benchmark, uid), self.env_dict)
         episode_id = uuid4().hex
         manager = AFlowEnvironmentManager(self.env_cfg.history_length)
         failed: str | None = None
-        try:
-            reset = await self._call(worker.reset.remote(episode_id, uid, row))
-        except Exception as exc:  # a dead, hung or misconfigured worker fails this episode only
-            forget_worker(worker)
-            return self._failed_output(list(kwargs["raw_prompt"]), f"reset failed: {_reason(exc)}")
+        for attempt in (1, 2):
+            worker = worker_handle(route(self.env_cfg, benchmark, uid), self.env_dict)
+            try:
+                reset = await self._call(worker.reset.remote(episode_id, uid, row))
+                break
+            except Exception as exc:  # a dead, hung or misconfigured worker fails this episode only
+                forget_worker(worker)
+                if attempt == 1 and _actor_died(exc):
+                    continue  # killed before this episode began (e.g. by an earlier step): a new one takes over
+                return self._failed_output(list(kwargs["raw_prompt"]), f"reset failed: {_reason(exc)}",
+                                           sampling_params)
 
         messages = [manager.user_message(reset["observation"])]
         try:
@@ -104,7 +110,7 @@ class AFlowAgentLoop(AgentLoopBase):
                       "prompts are the observation, so filter_overlong_prompts drops them)")
             with contextlib.suppress(Exception):
                 await self._call(worker.close.remote(episode_id, reason))
-            return self._failed_output(list(kwargs["raw_prompt"]), reason)
+            return self._failed_output(list(kwargs["raw_prompt"]), reason, sampling_params)
         response_mask: list[int] = []
         logprobs: list[float] = []
         grammar = self._grammar(benchmark)
@@ -218,8 +224,13 @@ class AFlowAgentLoop(AgentLoopBase):
             assistant_logprobs=None if assistant_states is None else [s + 1 for s in assistant_states])
         return [int(s) - 1 for s in shifted]
 
-    def _failed_output(self, messages: list[dict], reason: str) -> AgentLoopOutput:
-        """An episode the environment could not start: the seed prompt, one masked token, the failure reward."""
+    def _failed_output(self, messages: list[dict], reason: str, sampling_params: dict) -> AgentLoopOutput:
+        """An episode the environment could not start: the seed prompt, one masked token, the failure reward.
+
+        When the rollout returns log-probs (`sampling_params["logprobs"]`, from rollout.calculate_log_probs),
+        it carries one (0.0, masked) too: verl concatenates every output's log-probs when the batch's first
+        output has them, and one output without crashed the whole step (found by the rehearsal, when a killed
+        AFlow worker failed some episodes of a step)."""
         logger.warning("AFlow episode failed: %s", reason)
         prompt_ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         if not isinstance(prompt_ids, list):
@@ -227,6 +238,7 @@ class AFlowAgentLoop(AgentLoopBase):
         filler = self.tokenizer.eos_token_id if self.tokenizer.eos_token_id is not None else 0
         return AgentLoopOutput(
             prompt_ids=prompt_ids[-self.rollout_config.prompt_length:], response_ids=[filler], response_mask=[0],
+            response_logprobs=[0.0] if sampling_params.get("logprobs") else None,
             reward_score=self._failed_reward(), num_turns=1, metrics=AgentLoopMetrics(),
             extra_fields={"turn_spans": [], "anchors": [], "step_rewards": [], "step_penalties": [],
                           "episode_failed": reason,
@@ -240,11 +252,20 @@ def episode_info(components: dict, penalties: list[float], failed: str | None) -
     """Per-episode numbers verl carries as `reward_extra_info`: it logs their means (validation included,
     `val-aux/...`) and writes them into `trainer.validation_data_dir` dumps. `episode_return` is the score
     the episode's workflows earned, before any shaping or penalty (query mode: the final workflow's score);
-    `valid_actions` the share of the policy's turns the environment accepted. Every output carries the
-    same keys (verl takes them from the first). NaN where there is nothing to measure: a failed episode."""
-    nan = float("nan")
-    return {"episode_return": nan if failed else float(components.get("return", 0.0)),
-            "valid_actions": nan if failed or not penalties else sum(p == 0 for p in penalties) / len(penalties)}
+    `valid_actions` the share of the policy's turns the environment accepted; `failed_episodes` 1 for an
+    episode the environment failed. Every output carries the same keys (verl takes them from the first).
+    verl averages them with np.mean, so a failed episode counts 0 (not NaN, which would turn the whole
+    validation metric NaN); `failed_episodes` says how many there were (its mean is their share; the name
+    differs from the extra field `episode_failed`, the reason, which verl puts in the same batch)."""
+    return {"episode_return": 0.0 if failed else float(components.get("return", 0.0)),
+            "valid_actions": 0.0 if failed or not penalties else sum(p == 0 for p in penalties) / len(penalties),
+            "failed_episodes": 1.0 if failed else 0.0}
+
+
+def _actor_died(exc: BaseException) -> bool:
+    import ray
+
+    return isinstance(exc, ray.exceptions.RayActorError)
 
 
 def _reason(exc: BaseException) -> str:

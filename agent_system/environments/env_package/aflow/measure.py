@@ -62,6 +62,11 @@ class Scored:
         return behaviour_hash(self.graph, self.prompt)
 
 
+class ExecutorUnavailable(RuntimeError):
+    """The executor did not answer (after its retries) while a workflow was measured: its score would measure
+    the outage, not the workflow, so the measurement, and the episode that needed it, fails instead."""
+
+
 class ReplayExecutor:
     """The counterfactual executor: the k-th request is answered with `replies[k]` (another problem's
     real replies, in order), then with "" once they run out. No request leaves the process."""
@@ -142,6 +147,10 @@ async def measure(workflow: WorkflowCode, problems: list[Problem], meter: Meter,
     everything = list(problems) + list(feedback)
     results = await asyncio.gather(*(run(p, meter.llm) for p in everything))
     records = [r for r, _ in results]
+    down = [r for r in records if r.executor_outages]
+    if down:  # a call the workflow got wrong (a 400) is the workflow's failure; an outage is nobody's score
+        raise ExecutorUnavailable(f"the executor failed {sum(r.executor_outages for r in down)} call(s) after every "
+                                  f"retry in {len(down)} of {len(records)} problems (first: {down[0].error})")
     transcripts = [t for _, t in results[:len(problems)]]
     credit = [r.score for r in records[:len(problems)]]
     replayed: list[Record | None] = [None] * len(problems)

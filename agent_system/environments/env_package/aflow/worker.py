@@ -17,6 +17,12 @@ it on such samples (its own step's, and each later step that started from it), s
 reads a mean over fresh samples, not one lucky draw. Workflows that differ only cosmetically are
 one node (aflow.workflows.identity).
 
+State: a training split's search (tree, measurements, the selection's random state) is written to
+`<workdir>/search/<benchmark>.pkl` after every merge and read back when the worker starts again; with the
+experience pool and the response cache in the same directory, the directory is the environment's whole
+state, which training saves with each checkpoint (recipes/env_state.py). Validation states are not
+kept: they never grow, and the response cache makes measuring their root again free.
+
 Load: every problem a worker runs holds a sandbox process and executor calls; one semaphore of
 `env.concurrency` slots per worker bounds them across all its episodes, and each measurement
 holds at most `env.workflow_concurrency` of them within its own time budget (measure.py).
@@ -28,6 +34,7 @@ import asyncio
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 import uuid
 from collections import deque
@@ -87,6 +94,27 @@ class TaskState:
         self.rng = np.random.RandomState(cfg.seed)
         self.lock = asyncio.Lock()
 
+    KEPT = ("tree", "scored", "rounds", "measured")
+
+    def save(self, path: Path) -> None:
+        """The search, written atomically (a crash leaves the previous file)."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {key: getattr(self, key) for key in self.KEPT}
+        state["rng"] = self.rng.get_state()
+        staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        staging.write_bytes(pickle.dumps(state))
+        os.replace(staging, path)
+
+    def load(self, path: Path) -> bool:
+        """Continue a saved search (written by `save`, in this run's own directory); False when none."""
+        if not path.is_file():
+            return False
+        state = pickle.loads(path.read_bytes())
+        for key in self.KEPT:
+            setattr(self, key, state[key])
+        self.rng.set_state(state["rng"])
+        return True
+
     def start_of(self, round_: int) -> tuple[Scored, WorkflowCode]:
         """A node as an episode's start: its feedback failures, and its mean over all its measurements."""
         node = self.tree.nodes[round_]
@@ -144,6 +172,8 @@ class AFlowWorker:
                 scope = f"{scope}/{self.cfg.action_space}"
             pool = ExperiencePool(self.workdir / "experience.sqlite", scope=scope)
             self.tasks[key] = TaskState(benchmark, self.cfg, pool, replace(self.meter, sandbox=sandbox), split)
+            if split == TRAIN_SPLIT:
+                self.tasks[key].load(self._state_path(benchmark))
         state = self.tasks[key]
         async with state.lock:
             if not state.tree.nodes:  # the root: the initial workflow, measured once on a sample of its own
@@ -154,6 +184,10 @@ class AFlowWorker:
                 state.scored[1] = scored
                 state.rounds[scored.hash] = 1
         return state
+
+    def _state_path(self, benchmark: str) -> Path:
+        scope = benchmark if self.cfg.action_space == "code" else f"{benchmark}-{self.cfg.action_space}"
+        return self.workdir / "search" / f"{scope}.pkl"
 
     async def reset(self, episode_id: str, uid: str, row: dict) -> dict:
         extra = row.get("extra_info") or {}
@@ -188,7 +222,7 @@ class AFlowWorker:
         return {"observation": episode.observation(), "anchor_state": episode.current.graph}
 
     def _judge(self):
-        if self.cfg.reward.judge is None or not self.cfg.reward.judge.base_url:
+        if not self.cfg.reward.judge.base_url:
             return None
         if self.judge is None:
             self.judge = make_judge(self.cfg.reward.judge)
@@ -208,6 +242,8 @@ class AFlowWorker:
         key = self.task_of.pop(episode_id, None)
         if outcome.mode == "task" and key and key[1] == TRAIN_SPLIT and not failed:
             await self._merge(self.tasks[key], outcome)
+            async with self.tasks[key].lock:
+                self.tasks[key].save(self._state_path(key[0]))
         bench = self.query_bench.pop(episode_id, None)
         if bench is not None:
             self.decoys.setdefault(bench, deque(maxlen=DECOYS_KEPT)).extend(outcome.transcripts)
