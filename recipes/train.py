@@ -127,18 +127,24 @@ class RunHooks:
         self.saved_step: int | None = None
 
     def install(self) -> None:
+        """Wrap RayPPOTrainer's fit, checkpoint save and load, and the agent-loop manager's generation, in this
+        process. A wrapper keeps the function it wraps as `_aflow_original`: installing again wraps that."""
+        from verl.experimental.agent_loop.agent_loop import AgentLoopManager
         from verl.trainer.ppo.ray_trainer import RayPPOTrainer
 
         hooks = self
-        fit, save, load = (getattr(getattr(RayPPOTrainer, name), "__wrapped__", getattr(RayPPOTrainer, name))
-                           for name in ("fit", "_save_checkpoint", "_load_checkpoint"))
 
-        @functools.wraps(fit)
+        def original(cls, name: str):
+            current = getattr(cls, name)
+            return getattr(current, "_aflow_original", current)
+
+        fit, save, load = (original(RayPPOTrainer, name) for name in ("fit", "_save_checkpoint", "_load_checkpoint"))
+        generate = original(AgentLoopManager, "generate_sequences")
+
         def fit_(trainer):
             hooks.trainer = trainer
             return fit(trainer)
 
-        @functools.wraps(save)
         def save_(trainer):
             from recipes import env_state
 
@@ -148,7 +154,6 @@ class RunHooks:
             env_state.prune(hooks.out_dir)
             hooks.saved_step = trainer.global_steps
 
-        @functools.wraps(load)
         def load_(trainer):
             from recipes import env_state
 
@@ -158,14 +163,38 @@ class RunHooks:
                   flush=True)
             return result
 
-        RayPPOTrainer.fit, RayPPOTrainer._save_checkpoint, RayPPOTrainer._load_checkpoint = fit_, save_, load_
+        def generate_(manager, prompts):
+            output = generate(manager, prompts)  # verl's auto_await: synchronous when called from fit
+            if not prompts.meta_info.get("validate"):
+                hooks.on_rollout(output)
+            return output
+
+        for cls, name, wrapper, wrapped in ((RayPPOTrainer, "fit", fit_, fit),
+                                            (RayPPOTrainer, "_save_checkpoint", save_, save),
+                                            (RayPPOTrainer, "_load_checkpoint", load_, load),
+                                            (AgentLoopManager, "generate_sequences", generate_, generate)):
+            functools.update_wrapper(wrapper, wrapped)
+            wrapper._aflow_original = wrapped
+            setattr(cls, name, wrapper)
+
+    def on_rollout(self, output) -> None:
+        """A training batch in which every episode failed has no token to train on (verl's rollout correction
+        raises on it, deep in the step): stop here, with a checkpoint and the episodes' reasons."""
+        if self.trainer is None or float(output.batch["response_mask"].sum()) > 0:
+            return
+        reasons = sorted({str(r) for r in output.non_tensor_batch.get("episode_failed", []) if r})
+        step = int(self.trainer.global_steps)
+        self.stop(step, f"every episode of step {step} failed ({len(output)} episodes): there is nothing to train "
+                        f"on{f'; e.g. {reasons[0]}' if reasons else ''}")
 
     def on_step(self, step: int, counts: dict) -> None:
+        reason = self.guard.check(step, counts)
+        if reason is not None:
+            self.stop(step, reason)
+
+    def stop(self, step: int, reason: str) -> None:
         from recipes.health import write_stopped
 
-        reason = self.guard.check(step, counts)
-        if reason is None:
-            return
         checkpoint = None
         if self.trainer is not None:
             if self.saved_step != step:

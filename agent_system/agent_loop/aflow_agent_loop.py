@@ -271,5 +271,8 @@ def _actor_died(exc: BaseException) -> bool:
 def _reason(exc: BaseException) -> str:
     if isinstance(exc, asyncio.TimeoutError):
         return "the environment worker did not answer in time"
+    cause = getattr(exc, "cause", None)  # a RayTaskError: the worker's own exception, not Ray's header line
+    if isinstance(cause, BaseException):
+        exc = cause
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
