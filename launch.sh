@@ -214,11 +214,18 @@ for attempt in $(seq 1 30); do
   fi
   sleep 2
 done
-echo "[launch] job $submission_id submitted; its logs follow (Ctrl-C stops following, not the job)"
-ray job logs --follow "$submission_id" || true
-if ray job status "$submission_id" 2>&1 | grep -q "Job '$submission_id' succeeded"; then
+echo "[launch] job $submission_id submitted; its logs follow (Ctrl-C stops following, not the job; kept in $logdir/job.log)"
+ray job logs --follow "$submission_id" 2>&1 | tee "$logdir/job.log" || true
+# the job's final status: `ray job logs` ends with it; `ray job status` says it too (asked again when a busy
+# dashboard does not answer)
+for attempt in 1 2 3 4 5; do
+  if ray job status "$submission_id" >"$logdir/job-status.txt" 2>&1; then break; fi
+  sleep 3
+done
+if grep -q "Job '$submission_id' succeeded" "$logdir/job.log" "$logdir/job-status.txt"; then
   echo "[launch] job $submission_id succeeded"
   exit 0
 fi
-echo "[launch] job $submission_id did not succeed: $(ray job status "$submission_id" 2>&1 | grep -E 'Status (for|message)' | tr '\n' ' ')" >&2
+echo "[launch] job $submission_id did not succeed: $(grep -hE "Status (for|message)|Job '.*' (failed|stopped)" \
+  "$logdir/job-status.txt" "$logdir/job.log" | head -n 3 | tr '\n' ' ')" >&2
 exit 1

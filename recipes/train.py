@@ -346,10 +346,13 @@ def run(config: DictConfig) -> None:
     auto_set_device(config)  # as verl's own main does: trainer.device=npu on Ascend
     validate(config)
     run_directories(config)
-    checks.check_data(config, env)
+    aflow_episodes = config.actor_rollout_ref.rollout.agent.get("default_agent_loop") == "aflow_agent"
+    if aflow_episodes:  # another agent loop (tests/toy_task.py) runs no AFlow environment
+        checks.check_data(config, env)
     check_isolation(config)
     preflight_in_cluster(config)
-    checks.probe_executor(env)
+    if aflow_episodes:
+        checks.probe_executor(env)
     in_ray_job(config)
     try:
         run_ppo(config, task_runner_class=task_runner_class())

@@ -16,6 +16,10 @@ of its own (`ray_head`). The first launch is killed (kill -9 of the job's driver
 checkpoint; the same command again resumes from step 1 with its environment, and in its step 2 one AFlow
 worker is killed (kill -9); step 3 must be normal.
 
+`guard_run` (tests/test_run_checks.py): `python -m recipes.train preset=cpu-rehearsal` on two task rows whose
+executor (a real local server) answers the start-up probe and then fails every call: the health guard must stop
+it at its first training step, with a checkpoint and one line.
+
 `toy_learning_runs` (tests/test_verl_learning.py): the toy operator-chain task (tests/toy_task.py) trained at
 lr > 0 and at lr = 0 (the control), same seeds and code path.
 
@@ -90,6 +94,12 @@ class RehearsalRun:
     first: Run  # killed during step 2
     resumed: Run  # steps 2-3, an AFlow worker killed during step 2
     killed: dict[str, str]  # what was killed when: "job" (the driver), "worker" (an AFlowWorker)
+
+
+@dataclass(frozen=True)
+class GuardRun:
+    run: Run
+    checkpoint_dir: Path  # trainer.default_local_dir
 
 
 @dataclass(frozen=True)
@@ -306,6 +316,29 @@ def _rehearsal(base: Path, data_dir: Path | None) -> RehearsalRun:
     return RehearsalRun(runs, runs / "checkpoints" / "aflow-rl" / "cpu-rehearsal", first, resumed, killed)
 
 
+def _guard(base: Path, data_dir: Path | None) -> GuardRun:
+    from tests.fake_openai import FakeOpenAI
+
+    if data_dir is None:
+        raise RuntimeError("the guard run needs the benchmark data (--data-dir or AFLOW_DATA_DIR)")
+    data = base / "data"
+    subprocess.run([sys.executable, "-m", "data_prep.build", "--out", str(data), "--benchmarks", "gsm8k,humaneval",
+                    "--mode", "task", "--task-repeats", "1", "--val-task-repeats", "1", "--data-dir", str(data_dir)],
+                   check=True, capture_output=True, cwd=ROOT)
+    checkpoint_dir = base / "ckpt"
+    with FakeOpenAI() as fake:
+        fake.add_faults(["ok"])  # the start-up probe
+        fake.default_fault = "500"  # then nothing
+        run = _fits.run([sys.executable, "-m", "recipes.train", "preset=cpu-rehearsal",
+                         f"data.train_files={data / 'train.parquet'}", f"data.val_files={data / 'val.parquet'}",
+                         f"env.executor.base_url={fake.base_url}", f"env.executor.model={fake.model}",
+                         "env.health.failed_steps=1", "trainer.total_training_steps=3", "trainer.save_freq=-1",
+                         "trainer.test_freq=-1", "trainer.logger=[console,file]",
+                         f"trainer.default_local_dir={checkpoint_dir}"],
+                        _env(AFLOW_RUNS_DIR=str(base / "runs"), AFLOW_DATA_DIR=str(data_dir)), base / "metrics.jsonl")
+    return GuardRun(run, checkpoint_dir)
+
+
 def _toy_learning(base: Path) -> dict[float, Run]:
     from tests import toy_task
 
@@ -321,16 +354,17 @@ def _toy_learning(base: Path) -> dict[float, Run]:
 
 
 FITS: dict[str, Callable[..., object]] = {"main_job_run": _main_job, "rehearsal_run": _rehearsal,
-                                          "toy_learning_runs": _toy_learning}
+                                          "guard_run": _guard, "toy_learning_runs": _toy_learning}
+NEEDS_DATA = ("rehearsal_run", "guard_run")
 
 
 def _job(config, name: str) -> Callable[[], object]:
     def job():
         base = config._tmp_path_factory.mktemp(name)
-        if name == "rehearsal_run":
+        if name in NEEDS_DATA:
             from tests.conftest import _data_dir
 
-            return _rehearsal(base, _data_dir(config))
+            return FITS[name](base, _data_dir(config))
         return FITS[name](base)
     return job
 
@@ -360,6 +394,8 @@ def pytest_sessionfinish(session):
 def _runs(value) -> list[tuple[str, Run]]:
     if isinstance(value, MainJobRun):
         return [("first", value.first)]
+    if isinstance(value, GuardRun):
+        return [("run", value.run)]
     if isinstance(value, RehearsalRun):
         return [("first", value.first), ("resumed", value.resumed)]
     return [(f"lr={lr}", run) for lr, run in value.items()]
@@ -387,6 +423,15 @@ def rehearsal_run(request) -> RehearsalRun:
     if _data_dir(request.config) is None:
         no_data("the rehearsal runs task mode on AFlow's splits")
     return _fits.result("rehearsal_run", _job(request.config, "rehearsal_run"))
+
+
+@pytest.fixture(scope="session")
+def guard_run(request) -> GuardRun:
+    from tests.conftest import _data_dir, no_data
+
+    if _data_dir(request.config) is None:
+        no_data("the guard run trains in task mode on AFlow's splits")
+    return _fits.result("guard_run", _job(request.config, "guard_run"))
 
 
 @pytest.fixture(scope="session")

@@ -31,6 +31,7 @@ STARTS = {
     "_ray_session": "ray",
     "main_job_run": "fit",
     "rehearsal_run": "fit",
+    "guard_run": "fit",
     "toy_learning_runs": "fit",
 }
 SLOW = ("model", "ray", "fit", "sweep")
