@@ -104,7 +104,9 @@ def new_processes(before: dict[int, Proc], me: int | None = None) -> list[Proc]:
         while parent.ppid not in (me, 0, 1) and parent.ppid in now and parent.ppid not in seen:
             seen.add(parent.pid)
             parent = now[parent.ppid]
-            if not is_new(parent) or parent.pid in _exempt:  # below a wider fixture's process, or a fit's
+            # below a wider fixture's process, or a fit's: its process, or a process of its session (a Ray head's
+            # job driver runs in a session of its own, under the head's job supervisor)
+            if not is_new(parent) or parent.pid in _exempt or parent.sid in _exempt:
                 break
         else:
             if parent.ppid == me or (parent.ppid == 1 and os.environ.get(SESSION_VAR) and carries(parent.pid, mark)):
