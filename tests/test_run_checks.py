@@ -405,3 +405,32 @@ def test_a_run_whose_executor_goes_away_is_stopped_by_the_guard_with_a_checkpoin
     validation = result.metrics[0]  # before training: every validation episode failed too
     assert validation["val-aux/aflow/gsm8k/failed_episodes/mean@1"] == 1.0
     assert all(math.isfinite(v) for k, v in validation.items() if k.startswith("val-"))
+
+
+def test_a_request_the_executor_refuses_stays_the_workflows_zero_not_an_outage(fake_openai, data_dir, tmp_path):
+    """Only a transient failure after every retry is an outage (a failed, masked episode at -format_penalty,
+    below any scored workflow). An error the request itself earns (here the server's 404 for the model) is
+    not retried and stays the workflow's own 0: failing episodes is no way out of a low score."""
+    import asyncio
+
+    from agent_system.environments.env_package.aflow.worker import AFlowWorker
+    from tests.samples import action
+
+    fake_openai.only_its_model = True
+    config = {"mode": "task", "max_turns": 1, "eval_subset_size": 1, "feedback_size": 1, "num_workers": 1,
+              "run_id": "run-c", "data_dir": str(data_dir),
+              "executor": {"base_url": fake_openai.base_url, "model": "not-served", "max_tokens": 48}}
+
+    async def go():
+        worker = AFlowWorker(config, str(tmp_path / "env"))
+        try:
+            await worker.reset("e1", "u1", {"extra_info": {"benchmark": "gsm8k"}})
+            step = await worker.step("e1", action(1))
+            await worker.close("e1")
+            return step
+        finally:
+            await worker.shutdown()
+
+    step = asyncio.run(go())  # an outage would raise ExecutorUnavailable here
+    assert step["info"]["valid"] and step["reward"] <= 0.0
+    assert fake_openai.count > 0 and all(r.fault is None for r in fake_openai.requests)  # refused, not faulted
