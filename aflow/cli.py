@@ -151,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--data-dir", default=None, help="AFlow JSONL directory (default: $AFLOW_DATA_DIR)")
     _add_scoring_arg(op)
     _add_endpoint_args(op, "optimizer")
+    op.add_argument("--optimizer-policy", default=None, metavar="CHECKPOINT_DIR",
+                    help="a trained policy as the optimizer (and the model value): a verl checkpoint of the main "
+                         "job (exported on first use) or an exported model directory; started, used and stopped "
+                         "by this command, and recorded in the workspace's config.json")
     _add_endpoint_args(op, "executor")
     _add_executor_max_tokens(op)
     op.add_argument("--value-provider", choices=("none", "empirical", "model"), default="none")
@@ -198,6 +202,25 @@ def build_parser() -> argparse.ArgumentParser:
     fe.add_argument("--overwrite", action="store_true", help="replace files already in the data directory")
     fe.add_argument("--max-mb", type=positive_int, default=data.DEFAULT_MAX_MB,
                     help=f"size cap on the download and on what is unpacked (default {data.DEFAULT_MAX_MB})")
+
+    pol = sub.add_parser("policy", help="a trained policy: export a verl checkpoint, serve it over an OpenAI API")
+    psub = pol.add_subparsers(dest="policy_command", required=True, metavar="{export,serve}")
+    ex = psub.add_parser("export", help="a verl checkpoint -> a Hugging Face model directory (LoRA merged)")
+    ex.add_argument("checkpoint", metavar="CHECKPOINT_DIR",
+                    help="a run's checkpoint directory (its latest step), a global_step_N directory or its actor/")
+    ex.add_argument("--out", required=True, help="the model directory to write")
+    ex.add_argument("--base-model", default=None,
+                    help="the model a LoRA-only checkpoint was trained from (default: the one the run recorded)")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ps = psub.add_parser("serve", help="serve a policy over an OpenAI-compatible API (vLLM on a GPU, else the CPU)")
+    ps.add_argument("model", metavar="DIR|CHECKPOINT_DIR", help="an exported model directory or a verl checkpoint")
+    ps.add_argument("--port", type=int, default=8849)
+    ps.add_argument("--action-space", choices=("code", "canvas"), default=None,
+                    help="canvas: every answer is one canvas edit, decoded with training's grammar (default: the "
+                         "action space the run recorded, else code)")
+    ps.add_argument("--benchmark", default=None, type=benchmark_name,
+                    help="with canvas: the benchmark whose family decides which steps an edit may add")
+    ps.add_argument("--model-name", default=None, help="the name clients ask for (default: aflow-policy-stepN)")
 
     serve = sub.add_parser("serve-executor", help="serve SmolLM2-135M over an OpenAI-compatible API on 127.0.0.1")
     serve.add_argument("--port", type=int, default=8848)
@@ -427,6 +450,31 @@ def report_evaluation(args: argparse.Namespace, summary, out: Path | None) -> in
 OPTIMIZER_DEFAULTS = {"temperature": 0.7, "max_tokens": 1024}
 
 
+def _say(message: str) -> None:
+    print(f"aflow: {message}", file=sys.stderr, flush=True)
+
+
+class _PolicyErrors(Exception):
+    """Stands in for the policy layer's error types until it is loaded."""
+
+
+POLICY_ERRORS: list[type[BaseException]] = [_PolicyErrors]
+
+
+def policy_plugin():
+    """The training layer's policy tools (agent_system.policy), found through the `aflow.policy` entry point:
+    this package imports neither verl nor the training layer."""
+    from importlib.metadata import entry_points
+
+    found = list(entry_points(group="aflow.policy"))
+    if not found:
+        raise SetupError("a trained policy needs the training layer: install aflow-rl with its `rl` extra "
+                         "(pip install -e '.[rl]'; bash launch.sh does)")
+    plugin = found[0].load()
+    POLICY_ERRORS[:] = [_PolicyErrors, *plugin.ERRORS]
+    return plugin
+
+
 @contextlib.contextmanager
 def search_endpoints(args: argparse.Namespace):
     """(executor, optimizer) configs. Neither given: the embedded server is both; only the
@@ -437,6 +485,18 @@ def search_endpoints(args: argparse.Namespace):
     for config, role in ((executor, "executor"), (optimizer, "optimizer")):
         if config.base_url and not config.model:
             raise ExecutorError(f"--{role}-model is required with --{role}-base-url")
+    policy = getattr(args, "optimizer_policy", None)
+    if policy:
+        with policy_plugin().optimizer_endpoint(policy, benchmark=args.benchmark, action_space=args.action_space,
+                                                log=_say) as (endpoint, provenance):
+            optimizer.base_url, optimizer.model, optimizer.api_key_env = endpoint.base_url, endpoint.model, None
+            if args.value_provider == "model" and not args.value_base_url and not args.value_model:
+                args.value_model = endpoint.text_model  # a number, not a canvas edit
+            args.optimizer_provenance = provenance
+            args.optimizer_policy = None  # the executor side below, as without a policy
+            with search_endpoints(args) as (executor, _):
+                yield executor, optimizer
+        return
     if not optimizer.base_url and executor.base_url:
         optimizer.base_url, optimizer.model, optimizer.api_key_env = executor.base_url, executor.model, executor.api_key_env
     if executor.base_url:
@@ -463,7 +523,7 @@ async def _optimize(args: argparse.Namespace, executor_cfg: LLMConfig, optimizer
         convergence_rounds=args.convergence_rounds, seed=args.seed, value_provider=args.value_provider,
         selection=SelectionConfig(rule=args.selection, value_weight=args.value_weight), scoring=args.scoring,
         validation_temperature=args.validation_temperature, action_space=args.action_space,
-        sample_temperature=args.sample_temperature,
+        sample_temperature=args.sample_temperature, optimizer_policy=getattr(args, "optimizer_provenance", None),
     )
     if args.cache_path:
         executor_cfg.cache_path = optimizer_cfg.cache_path = Path(args.cache_path)
@@ -524,6 +584,8 @@ def optimize_arg_error(args: argparse.Namespace) -> str | None:
         return f"--limit must be ≥ 1 (got {args.limit})"
     if args.max_retries < 1:
         return f"--max-retries must be ≥ 1 (got {args.max_retries})"
+    if args.optimizer_policy and args.optimizer_base_url:
+        return "--optimizer-policy and --optimizer-base-url both name the optimizer: give one"
     if args.validation_temperature < 0:
         return f"--validation-temperature must be ≥ 0 (got {args.validation_temperature})"
     if args.validation_rounds > 1 and args.validation_temperature == 0:
@@ -644,6 +706,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0 if server.process.returncode in (0, -signal.SIGTERM) else 1
 
 
+def cmd_policy(args: argparse.Namespace) -> int:
+    plugin = policy_plugin()
+    if args.policy_command == "export":
+        out = plugin.export(args.checkpoint, args.out, base_model=args.base_model, overwrite=args.overwrite)
+        print(f"exported {args.checkpoint} to {out}: serve it with `aflow policy serve {out}`")
+        return 0
+    return plugin.serve_forever(args.model, action_space=args.action_space, benchmark=args.benchmark,
+                                port=args.port, model_name=args.model_name, log=_say)
+
+
 def cmd_sandbox_check() -> int:
     """What a cluster node gives the sandbox: run one job and print its layers (README, the sandbox)."""
     from aflow.sandbox import isolation_report, missing_file_confinement
@@ -669,8 +741,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_data(args)
         if args.command == "sandbox-check":
             return cmd_sandbox_check()
+        if args.command == "policy":
+            return cmd_policy(args)
         return cmd_serve(args)
-    except SETUP_ERRORS as exc:
+    except (*SETUP_ERRORS, *POLICY_ERRORS) as exc:
         print(f"aflow: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

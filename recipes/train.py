@@ -19,13 +19,16 @@ import contextlib
 import functools
 import hashlib
 import importlib
+import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from agent_system.policy.checkpoint import RUN_RECORD
 from recipes.config import CONFIG_NAME, REPO_ROOT, ConfigError, register_resolvers, validate_env
 from recipes.health import RunStopped, read_stopped
 
@@ -106,7 +109,10 @@ def task_runner_class():
             portable_paths(config)
             with embedded_executor(config):
                 result = super().run(config)
-            report.finish()
+            summary = report.finish()
+            if summary["checkpoint"]:
+                print(f"search with the trained policy: {policy_command(hooks.run_record, summary['checkpoint'])}",
+                      flush=True)
             return result
 
     return ray.remote(AFlowTaskRunner)
@@ -123,6 +129,7 @@ class RunHooks:
         self.out_dir = Path(config.trainer.default_local_dir)
         self.env_dir = Path(config.env.workdir)
         self.guard = HealthGuard.of(config.env.health)
+        self.run_record = run_record(config)
         self.trainer = None
         self.saved_step: int | None = None
 
@@ -150,6 +157,7 @@ class RunHooks:
 
             save(trainer)
             step_dir = hooks.out_dir / f"global_step_{trainer.global_steps}"
+            (step_dir / RUN_RECORD).write_text(json.dumps(hooks.run_record, indent=1))
             env_state.snapshot(hooks.env_dir, step_dir)
             env_state.prune(hooks.out_dir)
             hooks.saved_step = trainer.global_steps
@@ -203,6 +211,35 @@ class RunHooks:
         write_stopped(self.out_dir, step, reason, checkpoint)
         print(f"health guard: stopping the run: {reason} (checkpoint: {checkpoint})", flush=True)
         raise RunStopped(reason)
+
+
+def run_record(config: DictConfig) -> dict:
+    """What a checkpoint's policy was trained for (global_step_N/aflow_run.json): `aflow policy` serves it with
+    the run's action space, and the command printed at the end searches the run's benchmark with it."""
+    from aflow.benchmarks import resolve_data_dir
+    from agent_system.config import EnvConfig
+    from recipes.checks import needed_splits
+
+    env = EnvConfig.from_dict(OmegaConf.to_container(config.env, resolve=True))
+    try:
+        benchmarks = sorted(b for b in needed_splits(config, env) if b)
+    except Exception:  # noqa: BLE001 -- a record without benchmarks still serves the policy
+        benchmarks = []
+    data_dir = resolve_data_dir(env.data_dir)
+    return {"model_path": str(config.actor_rollout_ref.model.path), "action_space": env.action_space,
+            "mode": env.mode, "benchmarks": benchmarks, "data_dir": str(data_dir) if data_dir else None,
+            "experiment": str(config.trainer.get("experiment_name", ""))}
+
+
+def policy_command(record: dict, checkpoint: str) -> str:
+    """`aflow optimize` with the checkpoint as its optimizer, on the run's (first) benchmark."""
+    benchmark = (record.get("benchmarks") or ["gsm8k"])[0]
+    workspace = Path(checkpoint).parent / f"search-{benchmark}-{Path(checkpoint).name}"
+    parts = ["aflow", "optimize", "--benchmark", benchmark, "--action-space", record.get("action_space", "code"),
+             "--optimizer-policy", checkpoint, "--workspace", str(workspace), "--rounds", "10"]
+    if record.get("data_dir"):
+        parts += ["--data-dir", record["data_dir"]]
+    return " ".join(shlex.quote(p) for p in parts)
 
 
 @contextlib.contextmanager

@@ -13,8 +13,8 @@ that keeps the gradient non-zero when both rollouts earn the same reward.
 `rehearsal_run` (tests/test_rehearsal.py): the production run rehearsed, as a GPU user starts it but with
 preset cpu-rehearsal: `bash launch.sh preset=cpu-rehearsal` submits the job (`ray job submit`) to a Ray head
 of its own (`ray_head`). The first launch is killed (kill -9 of the job's driver) during step 2, after step 1's
-checkpoint; the same command again resumes from step 1 with its environment, and in its step 2 one AFlow
-worker is killed (kill -9); step 3 must be normal.
+checkpoint; the same command again resumes from step 1 with its environment, and in its step 2 the AFlow
+worker holding episodes in flight (Ray's task events say which) is killed (kill -9); step 3 must be normal.
 
 `guard_run` (tests/test_run_checks.py): `python -m recipes.train preset=cpu-rehearsal` on two task rows whose
 executor (a real local server) answers the start-up probe and then fails every call: the health guard must stop
@@ -266,15 +266,14 @@ def kill_session(sid: int, grace_s: float = 10.0) -> None:
         time.sleep(0.2)
 
 
-def _kill_when(metrics: Path, step: int, chosen, delay_s: float, killed: dict, what: str, every: bool = False):
+def _kill_when(metrics: Path, step: int, chosen, delay_s: float, killed: dict, what: str):
     """`during` of a fit: once verl has logged `step`, wait `delay_s` (into the next step's rollout) and kill -9
-    the newest process for which `chosen(proc)` holds (`every`: all of them)."""
+    every process for which `chosen(proc)` holds."""
     def watch(process: subprocess.Popen) -> None:
         while process.poll() is None:
             if metrics.is_file() and step in step_metrics(metrics):
                 time.sleep(delay_s)
-                targets = [p for p in process_guard.snapshot().values() if p.state not in "ZX" and chosen(p)]
-                victims = targets if every else sorted(targets, key=lambda p: p.pid)[-1:]
+                victims = [p for p in process_guard.snapshot().values() if p.state not in "ZX" and chosen(p)]
                 names = [f"{v.pid} {process_guard.cmdline(v.pid)[:60]}" for v in victims]
                 for victim in victims:
                     with contextlib.suppress(ProcessLookupError):
@@ -293,9 +292,49 @@ def _job_driver(runs: Path):
     return lambda p: "recipes.train" in process_guard.cmdline(p.pid) and process_guard.carries(p.pid, mark)
 
 
-def _aflow_worker(sid: int):
-    """An AFlowWorker actor of the head with session `sid` (Ray's workers stay in the head's session)."""
-    return lambda p: p.sid == sid and "AFlowWorker" in process_guard.cmdline(p.pid)
+def _kill_busy_worker(metrics: Path, dashboard: str, killed: dict):
+    """`during` of a fit: once verl has logged step 1 (the resumed run's validation), kill -9 the AFlowWorker
+    that holds the most episodes of the next step in flight (reset done, not yet closed), as Ray's task events
+    show them; a worker killed between episodes would only be replaced (the agent loop retries a reset once)."""
+    import requests
+
+    token = (Path.home() / ".ray" / "auth_token").read_text().strip()  # the head runs with RAY_AUTH_MODE=token
+
+    def tasks(name: str) -> list[dict]:
+        reply = requests.get(f"{dashboard}/api/v0/tasks", headers={"Authorization": f"Bearer {token}"}, timeout=30,
+                             params={"limit": 10000, "detail": True, "filter_keys": ["name"],
+                                     "filter_predicates": ["="], "filter_values": [name]})
+        reply.raise_for_status()
+        return reply.json()["data"]["result"]["result"]
+
+    def episodes_in_flight(since_ms: float) -> dict[int, int]:
+        count: dict[int, int] = {}
+        for sign, name in ((1, "AFlowWorker.reset"), (-1, "AFlowWorker.close")):
+            for task in tasks(name):
+                if (task.get("creation_time_ms") or 0) >= since_ms and task.get("worker_pid") and \
+                        (sign < 0 or task.get("state") == "FINISHED"):
+                    count[task["worker_pid"]] = count.get(task["worker_pid"], 0) + sign
+        return {pid: n for pid, n in count.items() if n > 0}
+
+    def watch(process: subprocess.Popen) -> None:
+        while process.poll() is None and not (metrics.is_file() and 1 in step_metrics(metrics)):
+            time.sleep(1)
+        since_ms = time.time() * 1000
+        while process.poll() is None:
+            try:
+                busy = episodes_in_flight(since_ms)
+            except Exception as exc:  # the dashboard may be busy: ask again, and say so if it never answers
+                killed["worker query"] = repr(exc)[:300]
+                busy = {}
+            if busy:
+                pid = max(busy, key=busy.get)
+                name = process_guard.cmdline(pid)[:60]
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                killed["worker"] = f"{pid} {name}: {busy[pid]} episode(s) of step 2 in flight"
+                return
+            time.sleep(0.5)
+    return watch
 
 
 def _rehearsal(base: Path, data_dir: Path | None) -> RehearsalRun:
@@ -307,12 +346,12 @@ def _rehearsal(base: Path, data_dir: Path | None) -> RehearsalRun:
                PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
     killed: dict[str, str] = {}
     command = ["bash", "launch.sh", "preset=cpu-rehearsal", "trainer.logger=[console,file]"]
-    with ray_head(env, "--num-cpus", "12", "--num-gpus", "1", dashboard=True) as (_, dashboard, sid):
+    with ray_head(env, "--num-cpus", "12", "--num-gpus", "1", dashboard=True) as (_, dashboard, _sid):
         env["RAY_ADDRESS"] = dashboard
         first = _fits.run([*command, "trainer.total_training_steps=2"], env, base / "first.jsonl",
-                          during=_kill_when(base / "first.jsonl", 1, _job_driver(runs), 5, killed, "job", every=True))
+                          during=_kill_when(base / "first.jsonl", 1, _job_driver(runs), 5, killed, "job"))
         resumed = _fits.run([*command, "trainer.total_training_steps=3"], env, base / "resumed.jsonl",
-                            during=_kill_when(base / "resumed.jsonl", 1, _aflow_worker(sid), 5, killed, "worker"))
+                            during=_kill_busy_worker(base / "resumed.jsonl", dashboard, killed))
     return RehearsalRun(runs, runs / "checkpoints" / "aflow-rl" / "cpu-rehearsal", first, resumed, killed)
 
 

@@ -119,13 +119,21 @@ def test_launching_again_resumes_the_killed_job_from_its_checkpoint_and_environm
 
 
 def test_a_killed_environment_worker_fails_only_its_episodes_and_the_next_step_is_normal(rehearsal_run):
+    """The worker dies with episodes in flight during step 2: its training rollout or its validation (the
+    watcher kills whichever worker Ray's task events show busy first; the training rollout can be over in
+    seconds). Those episodes fail and are masked, every other one of the step counts, step 3 is normal."""
     resumed = rehearsal_run.resumed
     resumed.check()
-    assert "worker" in rehearsal_run.killed, resumed.output[-3000:]
+    assert "worker" in rehearsal_run.killed, (rehearsal_run.killed, resumed.output[-2000:])
     lines = _step_lines(resumed.output)
     failed = {s: int(re.search(r"failed episodes: (\d+)", line).group(1)) for s, line in lines.items()}
-    assert 1 <= failed[2] < 16, lines[2]  # the killed worker's episodes, masked; the others trained
-    assert failed[3] == 0, lines[3]  # the worker was created again
+    val_failed = {step: {k.split("/")[2]: v for k, v in resumed.metrics[step].items()
+                         if k.startswith("val-aux/aflow/") and "/failed_episodes/" in k} for step in (2, 3)}
+    assert val_failed[2] and val_failed[3], resumed.metrics[2]
+    assert failed[2] >= 1 or any(v > 0 for v in val_failed[2].values()), (lines[2], val_failed[2])
+    assert failed[2] < 16, lines[2]  # the other workers' training episodes trained
+    assert any(v == 0 for v in val_failed[2].values()), val_failed[2]  # and their validation episodes counted
+    assert failed[3] == 0 and not any(val_failed[3].values()), (lines[3], val_failed[3])  # created again
     for step in (2, 3):
         _updated(resumed.metrics[step])
         assert all(math.isfinite(v) for k, v in resumed.metrics[step].items() if k.startswith("val-"))

@@ -73,6 +73,7 @@ class SearchConfig:
     validation_temperature: float = 0.7  # executor temperature of validation runs 2..K (run 1: the executor's)
     sample_temperature: float = 0.7  # repeats of a request within one workflow run (aflow.operators.CallPolicy)
     action_space: str = "code"  # ACTION_SPACES: what the optimizer answers (whole files, or one canvas edit)
+    optimizer_policy: dict | None = None  # a trained policy as the optimizer: its provenance (config.json records it)
 
     def __post_init__(self):
         if self.action_space not in ACTION_SPACES:
@@ -180,7 +181,8 @@ class Search:
     # ---- state -------------------------------------------------------------------
 
     def _restore(self, resume: bool) -> int:
-        self.workspace.start({**self.config.fingerprint(), "rounds": self.config.rounds}, resume)
+        policy = {"optimizer_policy": self.config.optimizer_policy} if self.config.optimizer_policy else {}
+        self.workspace.start({**self.config.fingerprint(), "rounds": self.config.rounds, **policy}, resume)
         removed = self.workspace.discard_unfinished()
         if removed:
             self.log(f"resume: discarded unfinished {', '.join(removed)}")
@@ -300,7 +302,7 @@ class Search:
             self.workspace.log_expansion({"round": number, "parent": parent.round, "attempt": attempt,
                                           "valid": action.is_valid, "reason": action.reason,
                                           "modification": action.modification, "selection": why,
-                                          "answer": answer.text[:20000]})
+                                          "optimizer": self.optimizer.config.model, "answer": answer.text[:20000]})
             if action.is_valid:
                 break
             reasons.append(action.reason)
