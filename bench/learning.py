@@ -142,17 +142,43 @@ def train(args, name: str, lr: float, train_file: Path, heldout: Path, ids: list
         wall.write_text(f"{time.monotonic() - started:.0f}\n")
     summary = json.loads((out / "summary.json").read_text())
     dumps = sorted((out / "validation").glob("*.jsonl"), key=lambda p: int(p.stem))
-    validations = {}
+    validations, valid_rates, rejections = {}, {}, {}
     for dump in dumps:
         rows = [json.loads(line) for line in dump.read_text().splitlines() if line.strip()]
         # an episode the environment failed ran no workflow: it counts as 0 (NaN in the dump)
-        validations[int(dump.stem)] = [float(r["episode_return"]) if r["episode_return"] == r["episode_return"]
-                                       else 0.0 for r in rows]
+        validations[int(dump.stem)] = [_number(r["episode_return"]) for r in rows]
+        valid_rates[int(dump.stem)] = [_number(r.get("valid_actions", float("nan"))) for r in rows]
+        rejections[int(dump.stem)] = {k[len("rejected_"):]: statistics.fmean(_number(r[k]) for r in rows)
+                                      for k in rows[0] if k.startswith("rejected_")} if rows else {}
         if len(rows) != len(ids):
             sys.exit(f"bench.learning: {name} validated {len(rows)} problems at step {dump.stem}, the baselines "
                      f"{len(ids)}: verl's prompt filter and prompt_fits disagree")
-    return {"history": summary["history"], "validations": validations,
+    return {"history": summary["history"], "validations": validations, "valid_rates": valid_rates,
+            "rejections": rejections, "checkpoint": out if (out / "latest_checkpointed_iteration.txt").is_file() else None,
             "seconds": float(wall.read_text()) if wall.is_file() else float("nan")}
+
+
+def _number(value) -> float:
+    return float(value) if value == value else 0.0  # NaN (a failed episode) counts 0
+
+
+def search(args, policy: Path, out: Path) -> dict:
+    """`aflow optimize --optimizer-policy POLICY` (the same rounds, seed and problems for every policy), then
+    `--test` on the held-out problems: the score of the workflows the policy finds as a search's optimizer."""
+    if not (out / "result.json").is_file():
+        log = out.parent / f"{out.name}.log"
+        run([sys.executable, "-m", "aflow.cli", "optimize", "--benchmark", args.benchmark, "--action-space", "canvas",
+             "--optimizer-policy", str(policy), "--workspace", str(out / "workspace"), "--rounds",
+             str(args.search_rounds), "--limit", str(args.search_problems), "--validation-rounds", "1",
+             "--seed", "0", "--scoring", "reward", "--test", "--test-limit", str(args.heldout),
+             "--data-dir", args.data_dir, "--json"], log)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "result.json").write_text(log.read_text().strip().splitlines()[-1])
+    result = json.loads((out / "result.json").read_text())
+    expansions = [json.loads(line) for line in (out / "workspace" / "expansions.jsonl").read_text().splitlines()]
+    return {"test_score": result.get("test_score"), "best_validation": result.get("best_validation_score"),
+            "valid_edits": sum(e["valid"] for e in expansions) / max(1, len(expansions)),
+            "rejections": sorted({e["rejection"] for e in expansions if e.get("rejection")})}
 
 
 def plot(runs: dict, path: Path) -> None:
@@ -188,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--max-prompt-length", type=int, default=1024)
     parser.add_argument("--skip-control", action="store_true")
+    parser.add_argument("--search-rounds", type=int, default=4,
+                        help="rounds of `aflow optimize` with each policy as the optimizer (0: no search)")
+    parser.add_argument("--search-problems", type=int, default=8, help="validation problems of those searches")
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / f"learning-{time.strftime('%Y%m%d-%H%M%S')}")
     args = parser.parse_args(argv)
     if not args.data_dir:
@@ -207,6 +236,13 @@ def main(argv: list[str] | None = None) -> None:
         control = runs["control (lr=0)"]["validations"]
         table["policy, lr=0 control"] = control.get(max(control), [])
     plot(runs, args.out / "learning.png")
+    searches = {}
+    if args.search_rounds > 0:
+        from agent_system.policy_model import resolve_cache_dir
+
+        searches["policy, untrained"] = search(args, resolve_cache_dir(), args.out / "search-untrained")
+        if runs["trained"]["checkpoint"] is not None:
+            searches["policy, trained"] = search(args, runs["trained"]["checkpoint"], args.out / "search-trained")
 
     print(f"benchmark: {args.benchmark}; {args.steps} steps x {args.batch} problems x {args.n} episodes; "
           f"lr {args.lr}; held-out problems: {len(ids)} (test split, never trained on)")
@@ -218,8 +254,22 @@ def main(argv: list[str] | None = None) -> None:
     for name, scores in table.items():
         mean, half = interval(scores)
         print(f"  {name:24s} {mean:.4f} ± {half:.4f}  (n={len(scores)})")
+    print("held-out valid-edit rate, greedy (95% CI), and why edits were rejected (share of turns):")
+    for name, result in runs.items():
+        for step in sorted(result["valid_rates"]):
+            mean, half = interval(result["valid_rates"][step])
+            why = ", ".join(f"{k} {v:.2f}" for k, v in result["rejections"][step].items() if v)
+            label = f"{name}, {'before training' if step == 0 else f'step {step}'}"
+            print(f"  {label:30s} {mean:.3f} ± {half:.3f}  ({why or 'none rejected'})")
+    if searches:
+        print(f"as the optimizer of `aflow optimize` ({args.search_rounds} rounds on {args.search_problems} "
+              f"validation problems, seed 0; best workflows tested on the {len(ids)} held-out problems):")
+        for name, found in searches.items():
+            print(f"  {name:24s} held-out {found['test_score']}, validation {found['best_validation']}, "
+                  f"valid edits {found['valid_edits']:.2f} (rejected: {', '.join(found['rejections']) or 'none'})")
     print(f"plot: {args.out / 'learning.png'}; everything in {args.out}; {time.monotonic() - started:.0f} s in all")
     (args.out / "table.json").write_text(json.dumps({k: interval(v) + (len(v),) for k, v in table.items()}, indent=1))
+    (args.out / "searches.json").write_text(json.dumps(searches, indent=1))
 
 
 if __name__ == "__main__":

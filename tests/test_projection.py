@@ -113,3 +113,25 @@ def test_the_diversity_term_reads_no_operator_from_a_graph_the_parser_cannot_hol
 
     assert operators_used(NEW_GRAPH) == {"Custom"}
     assert operators_used(NEW_GRAPH.replace("prompt.B", DEEP)) == set()
+
+
+def test_every_rejection_the_canvas_gives_has_its_kind():
+    """The kinds are read from the real reasons (a reworded message would fall to "other" and fail here)."""
+    from aflow import canvas
+    from aflow.search.projection import project_canvas, rejection_kind
+
+    start = canvas.initial(code=False)
+    cases = {
+        "Sure, here is my edit": "unparsable",
+        "ADD": "unparsable",
+        "ROUNDS 1 2": "not_applicable",  # step 1 has no rounds
+        "ENSEMBLE 4 3": "no_such_step",
+        "DELETE 1": "not_applicable",  # the only step
+    }
+    for text, kind in cases.items():
+        move = project_canvas(text, start)
+        assert not move.is_valid and rejection_kind(move.reason) == kind, (text, move.reason)
+    child = canvas.apply(start, canvas.parse("ADD REVIEW"))
+    again = project_canvas("ADD REVIEW", start, {canvas.canonical(child)})
+    assert rejection_kind(again.reason) == "no_change", again.reason
+    assert rejection_kind("the compiled canvas failed the static checks: x") == "other"

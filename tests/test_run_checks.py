@@ -193,6 +193,18 @@ def test_a_failed_episode_does_not_turn_validation_metrics_nan():
     assert set(rows[0]) == set(rows[1])  # verl takes the keys from the first output
 
 
+def test_why_actions_were_rejected_is_counted_by_kind():
+    from agent_system.agent_loop.aflow_agent_loop import episode_info
+
+    rejections = ["step 1 is CUSTOM; only REVIEW and TEST steps have rounds", "unknown action 'Sure,': write one of ADD",
+                  "this edit gives a workflow already tried from this one"]
+    row = episode_info({"return": 0.0}, [0.1, 0.1, 0.1, 0.0], None, rejections)
+    assert row["valid_actions"] == 0.25
+    assert (row["rejected_not_applicable"], row["rejected_unparsable"], row["rejected_no_change"]) == (0.25, 0.25, 0.25)
+    assert row["rejected_no_such_step"] == row["rejected_other"] == 0.0
+    assert set(row) == set(episode_info({"return": 0.0}, [], "reset failed: x"))
+
+
 # ---- the environment's state is part of the checkpoint ---------------------------------------------------------
 
 

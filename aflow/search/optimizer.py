@@ -36,7 +36,14 @@ from aflow.config import EvalConfig
 from aflow.evaluate import evaluate
 from aflow.llm import ExecutorError, LLMCallError, LLMClient, Usage
 from aflow.search.experience import Experience, ExperiencePool
-from aflow.search.projection import CanvasMove, normalize_modification, project, project_canvas, tried_canvases
+from aflow.search.projection import (
+    CanvasMove,
+    normalize_modification,
+    project,
+    project_canvas,
+    rejection_kind,
+    tried_canvases,
+)
 from aflow.search.prompts import canvas_optimizer_prompt, optimizer_prompt
 from aflow.search.selection import SelectionConfig, select
 from aflow.search.tree import Node, Tree
@@ -301,6 +308,7 @@ class Search:
             action = judge(answer.text)
             self.workspace.log_expansion({"round": number, "parent": parent.round, "attempt": attempt,
                                           "valid": action.is_valid, "reason": action.reason,
+                                          "rejection": None if action.is_valid else rejection_kind(action.reason),
                                           "modification": action.modification, "selection": why,
                                           "optimizer": self.optimizer.config.model, "answer": answer.text[:20000]})
             if action.is_valid:

@@ -94,6 +94,26 @@ class CanvasMove:
     workflow: WorkflowCode | None = None
 
 
+# Why an answer was rejected, as a few kinds (training metrics `rejected_<kind>`, expansions.jsonl "rejection"):
+# checked in this order, by the phrases of the reasons aflow.canvas and this module give.
+REJECTION_KINDS = {
+    "unparsable": ("unknown action", "unknown verb", "unknown kind", "malformed", "empty action", "exactly one action",
+                   "characters", "must be text", "bad SET_PROMPT", "missing <", "no <"),
+    "not_applicable": ("takes no prompt", "can be ensembled", "have rounds", "the only step", "maximum of",
+                       "does not apply", "value out of range", "FINISH is not an edit"),
+    "no_such_step": ("there is no step", "the workflow has only", "out of range"),
+    "no_change": ("unchanged", "already tried"),
+}
+
+
+def rejection_kind(reason: str) -> str:
+    """The kind of a rejection reason: one of REJECTION_KINDS, else "other" (e.g. a failed static check)."""
+    for kind, phrases in REJECTION_KINDS.items():
+        if any(phrase in reason for phrase in phrases):
+            return kind
+    return "other"
+
+
 def _action_line(text: str) -> canvas.Action | str:
     """The answer's action: the whole text when it is one line of the language (what constrained
     decoding produces), else the first line that is one (a big optimizer model may add prose)."""

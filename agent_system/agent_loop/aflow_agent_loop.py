@@ -24,12 +24,14 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import Counter
 from typing import Any
 from uuid import uuid4
 
 from omegaconf import DictConfig, OmegaConf
 from verl.experimental.agent_loop.agent_loop import AgentLoopBase, AgentLoopMetrics, AgentLoopOutput, register
 
+from aflow.search.projection import REJECTION_KINDS, rejection_kind
 from agent_system.config import EnvConfig
 from agent_system.constrained import grammar_name, token_constraint
 from agent_system.environments.env_package.aflow.manager import AFlowEnvironmentManager
@@ -119,6 +121,7 @@ class AFlowAgentLoop(AgentLoopBase):
             sampling_params = {**sampling_params, "aflow_grammar": grammar}
         states: list[int] = []  # per response token: the grammar state before it, -1 when unconstrained
         spans, anchors, step_rewards, penalties = [], [], [], []
+        rejections: list[str] = []  # why the environment rejected a turn's action
         generate_s = env_s = 0.0
         for _ in range(self.env_cfg.max_turns):
             t0 = time.monotonic()
@@ -154,6 +157,8 @@ class AFlowAgentLoop(AgentLoopBase):
             anchors.append(step["info"]["anchor"])
             step_rewards.append(float(step["reward"]))
             penalties.append(step_penalty(step["info"], self.env_cfg.reward))
+            if not step["info"].get("valid"):
+                rejections.append(str(step["info"].get("reason", "")))
             manager.record(text, step["reward"], step["info"])
             if step["done"] or len(response_mask) >= self.response_length:
                 break
@@ -201,7 +206,7 @@ class AFlowAgentLoop(AgentLoopBase):
                 "episode_seconds": time.monotonic() - started,
                 "constraint_grammar": grammar,
                 "constraint_states": states[: self.response_length],
-                "reward_extra_info": episode_info(components, penalties, failed),
+                "reward_extra_info": episode_info(components, penalties, failed, rejections),
             },
         )
 
@@ -248,7 +253,8 @@ class AFlowAgentLoop(AgentLoopBase):
         )
 
 
-def episode_info(components: dict, penalties: list[float], failed: str | None) -> dict[str, float]:
+def episode_info(components: dict, penalties: list[float], failed: str | None,
+                 rejections: list[str] = ()) -> dict[str, float]:
     """Per-episode numbers verl carries as `reward_extra_info`: it logs their means (validation included,
     `val-aux/...`) and writes them into `trainer.validation_data_dir` dumps. `episode_return` is the score
     the episode's workflows earned, before any shaping or penalty (query mode: the final workflow's score);
@@ -256,10 +262,16 @@ def episode_info(components: dict, penalties: list[float], failed: str | None) -
     episode the environment failed. Every output carries the same keys (verl takes them from the first).
     verl averages them with np.mean, so a failed episode counts 0 (not NaN, which would turn the whole
     validation metric NaN); `failed_episodes` says how many there were (its mean is their share; the name
-    differs from the extra field `episode_failed`, the reason, which verl puts in the same batch)."""
+    differs from the extra field `episode_failed`, the reason, which verl puts in the same batch).
+    `rejected_<kind>`: the share of the episode's turns rejected for that kind of reason
+    (`aflow.search.projection.REJECTION_KINDS`, e.g. editing the rounds of a step that has none), so training
+    and validation both say why actions fail, not only how often."""
+    turns = len(penalties)
+    kinds = Counter(rejection_kind(r) for r in rejections)
     return {"episode_return": 0.0 if failed else float(components.get("return", 0.0)),
             "valid_actions": 0.0 if failed or not penalties else sum(p == 0 for p in penalties) / len(penalties),
-            "failed_episodes": 1.0 if failed else 0.0}
+            "failed_episodes": 1.0 if failed else 0.0,
+            **{f"rejected_{kind}": kinds[kind] / turns if turns and not failed else 0.0 for kind in (*REJECTION_KINDS, "other")}}
 
 
 def _actor_died(exc: BaseException) -> bool:
