@@ -226,9 +226,10 @@ def run_record(config: DictConfig) -> dict:
     except Exception:  # noqa: BLE001 -- a record without benchmarks still serves the policy
         benchmarks = []
     data_dir = resolve_data_dir(env.data_dir)
-    return {"model_path": str(config.actor_rollout_ref.model.path), "action_space": env.action_space,
+    model_path = OmegaConf.select(config, "actor_rollout_ref.model.path", default=None)
+    return {"model_path": str(model_path) if model_path else None, "action_space": env.action_space,
             "mode": env.mode, "benchmarks": benchmarks, "data_dir": str(data_dir) if data_dir else None,
-            "experiment": str(config.trainer.get("experiment_name", ""))}
+            "experiment": str(OmegaConf.select(config, "trainer.experiment_name", default=""))}
 
 
 def policy_command(record: dict, checkpoint: str) -> str:

@@ -61,8 +61,8 @@ def gpu_backend() -> bool:
 def command(model_dir: Path, name: str, port: int, grammar: str | None, host: str = "127.0.0.1") -> tuple[list[str], str]:
     if gpu_backend():
         # vLLM does not know the canvas grammar; the GPU rollout of training does not constrain either
-        return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_dir),
-                "--served-model-name", name, "--host", host, "--port", str(port)], "vllm"
+        return [str(Path(sys.executable).with_name("vllm")), "serve", str(model_dir), "--served-model-name", name,
+                "--host", host, "--port", str(port)], "vllm"
     cmd = [sys.executable, "-m", "agent_system.policy.server", str(model_dir), "--host", host, "--port", str(port),
            "--model-name", name]
     return cmd + (["--grammar", grammar] if grammar else []), "cpu"
