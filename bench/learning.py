@@ -173,7 +173,7 @@ def search(args, policy: Path, out: Path) -> dict:
              "--seed", "0", "--scoring", "reward", "--test", "--test-limit", str(args.heldout),
              "--data-dir", args.data_dir, "--json"], log)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "result.json").write_text(log.read_text().strip().splitlines()[-1])
+        (out / "result.json").write_text([line for line in log.read_text().splitlines() if line.startswith("{")][-1])
     result = json.loads((out / "result.json").read_text())
     expansions = [json.loads(line) for line in (out / "workspace" / "expansions.jsonl").read_text().splitlines()]
     return {"test_score": result.get("test_score"), "best_validation": result.get("best_validation_score"),
