@@ -4,9 +4,11 @@ import asyncio
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 
+from aflow.benchmarks import get_benchmark
 from aflow.config import EvalConfig
 from aflow.evaluate import evaluate
 
@@ -22,8 +24,19 @@ SPLIT_SIZES = {
 
 
 def run_gold(benchmark, split, data_dir):
+    """Gold answers scored with 16 in flight. A problem whose run hit its wall-clock limit is scored once more,
+    alone: on a loaded machine (the suite's fits share 2 cores with it) a limit says nothing about the answer,
+    and a gold solution too slow for the limit on its own still fails."""
     config = EvalConfig(benchmark=benchmark, split=split, workflow="builtin:gold", concurrency=16, data_dir=data_dir)
-    return asyncio.run(evaluate(config, llm=None, progress=False))
+    summary, records = asyncio.run(evaluate(config, llm=None, progress=False))
+    slow = {r.id for r in records if r.score != 1.0 and "timed out" in f"{r.error} {r.score_reason}"}
+    if slow:
+        problems = [p for p in get_benchmark(benchmark).load(split, data_dir) if p.id in slow]
+        _, again = asyncio.run(evaluate(replace(config, concurrency=1), llm=None, progress=False, problems=problems))
+        rescored = {r.id: r for r in again}
+        records = [rescored.get(r.id, r) for r in records]
+        summary = replace(summary, score=round(sum(r.score for r in records) / len(records), 6))
+    return summary, records
 
 
 @pytest.mark.sweep
