@@ -21,6 +21,7 @@ from aflow import data, embedded, user_config
 from aflow.benchmarks import BENCHMARKS, SCORING_VARIANTS, SPLITS, DataError, get_benchmark, resolve_data_dir
 from aflow.config import EvalConfig, LLMConfig
 from aflow.llm import ExecutorError, LLMClient
+from aflow.plugins import PluginError, policy_plugin
 from aflow.search.workspace import WorkspaceMismatch
 from aflow.tracking import Tracker, TrackingError, parse_loggers
 from aflow.workflows import GOLD, WorkflowCheckError, WorkflowNotFound, load_workflow
@@ -31,7 +32,7 @@ class SetupError(RuntimeError):
 
 
 SETUP_ERRORS = (DataError, ExecutorError, WorkflowNotFound, WorkspaceMismatch, embedded.EmbeddedUnavailable,
-                SetupError, user_config.UserConfigError, TrackingError, data.FetchError)
+                SetupError, PluginError, user_config.UserConfigError, TrackingError, data.FetchError)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -454,27 +455,6 @@ def _say(message: str) -> None:
     print(f"aflow: {message}", file=sys.stderr, flush=True)
 
 
-class _PolicyErrors(Exception):
-    """Stands in for the policy layer's error types until it is loaded."""
-
-
-POLICY_ERRORS: list[type[BaseException]] = [_PolicyErrors]
-
-
-def policy_plugin():
-    """The training layer's policy tools (agent_system.policy), found through the `aflow.policy` entry point:
-    this package imports neither verl nor the training layer."""
-    from importlib.metadata import entry_points
-
-    found = list(entry_points(group="aflow.policy"))
-    if not found:
-        raise SetupError("a trained policy needs the training layer: install aflow-rl with its `rl` extra "
-                         "(pip install -e '.[rl]'; bash launch.sh does)")
-    plugin = found[0].load()
-    POLICY_ERRORS[:] = [_PolicyErrors, *plugin.ERRORS]
-    return plugin
-
-
 @contextlib.contextmanager
 def search_endpoints(args: argparse.Namespace):
     """(executor, optimizer) configs. Neither given: the embedded server is both; only the
@@ -744,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "policy":
             return cmd_policy(args)
         return cmd_serve(args)
-    except (*SETUP_ERRORS, *POLICY_ERRORS) as exc:
+    except SETUP_ERRORS as exc:
         print(f"aflow: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -124,7 +124,7 @@ def train(args, name: str, lr: float, train_file: Path, heldout: Path, ids: list
         f"data.train_batch_size={args.batch}", f"actor_rollout_ref.rollout.n={args.n}",
         f"actor_rollout_ref.actor.ppo_mini_batch_size={args.batch}", f"actor_rollout_ref.actor.optim.lr={lr}",
         f"trainer.total_training_steps={args.steps}", f"trainer.val_before_train={str(validate_first).lower()}",
-        f"trainer.test_freq={args.steps}", "trainer.save_freq=-1", f"trainer.default_local_dir={out}",
+        f"trainer.test_freq={args.steps}", f"trainer.save_freq={args.steps}", f"trainer.default_local_dir={out}",
         f"trainer.validation_data_dir={out / 'validation'}", f"trainer.experiment_name=learning-{name}",
         f"env.data_dir={args.data_dir}", "data.filter_overlong_prompts=true",
         f"data.max_prompt_length={args.max_prompt_length}",

@@ -1,9 +1,10 @@
 """The trained policy as a product: a verl checkpoint exported to a Hugging Face model directory, served over an
 OpenAI-compatible API, and used as the optimizer (and model value) of `aflow optimize`.
 
-The `aflow` command reaches this package through the `aflow.policy` entry point (pyproject.toml), so the
+The `aflow` command reaches this package through the `aflow.policy` entry point (aflow/plugins.py), so the
 `aflow` package itself imports neither verl nor this layer: `aflow policy export|serve` and
-`aflow optimize --optimizer-policy` call `export`, `serve_forever` and `optimizer_endpoint` below.
+`aflow optimize --optimizer-policy` call `export`, `serve_forever` and `optimizer_endpoint` below. Their
+set-up errors (CheckpointError, ServeError) are `aflow.plugins.PluginError`s: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -25,10 +26,9 @@ from agent_system.policy.checkpoint import (
 )
 from agent_system.policy.serving import Endpoint, ServeError
 
-ERRORS = (CheckpointError, ServeError)  # set-up errors: `aflow` prints them as one line and exits 2
 EXPORT_DIR = "policy-hf"  # a checkpoint served directly is exported once into global_step_N/policy-hf
 
-__all__ = ["ERRORS", "CheckpointError", "ServeError", "export", "model_dir", "grammar_for", "optimizer_endpoint",
+__all__ = ["CheckpointError", "ServeError", "export", "model_dir", "grammar_for", "optimizer_endpoint",
            "serve_forever"]
 
 

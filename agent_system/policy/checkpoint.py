@@ -24,11 +24,13 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
+from aflow.plugins import PluginError
+
 RUN_RECORD = "aflow_run.json"  # written by recipes/train.py beside each global_step_N/actor
 POLICY_RECORD = "aflow_policy.json"  # written by `export` into the model directory
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PluginError):
     """A directory that is not a usable checkpoint; the message is the one line a user sees."""
 
 

@@ -21,12 +21,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from aflow.plugins import PluginError
 from agent_system.policy.server import text_name
 
 START_TIMEOUT_S = 600  # loading a 7B model into vLLM takes minutes
 
 
-class ServeError(RuntimeError):
+class ServeError(PluginError):
     """The policy server could not be started; the message is one line."""
 
 
