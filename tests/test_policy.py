@@ -18,6 +18,7 @@ import torch
 
 from agent_system.policy import checkpoint as ckpt_mod
 from agent_system.policy.checkpoint import CheckpointError, export, find_checkpoint
+from tests.fits import free_port
 
 AFLOW = str(Path(sys.executable).with_name("aflow"))
 
@@ -160,7 +161,7 @@ def test_the_served_policy_answers_canvas_edits_over_an_openai_api(exported, tmp
     from aflow.canvas import Action, initial, parse
     from aflow.search.prompts import canvas_optimizer_prompt
 
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([AFLOW, "policy", "serve", str(exported), "--port", str(port), "--action-space",
                                "canvas", "--benchmark", "humaneval"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, start_new_session=True)
@@ -203,10 +204,3 @@ def test_the_command_the_main_job_prints_searches_with_its_policy(main_job_run, 
     assert results, results
     assert "optimizer policy:" in done.stderr and "served by the cpu backend" in done.stderr
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
